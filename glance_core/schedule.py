@@ -1,0 +1,183 @@
+"""Glance schedules as data: which sigmas each phase is conditioned at and where each Euler step moves.
+
+A schedule is built by compressing a family's base N-step grid: the slow phase takes every
+`slow_stride`-th index of the first `slow_steps * slow_stride` indices, the fast phase takes evenly
+spaced indices over the rest, the last one pinned to the grid's final index N-1; sigma 0 ends it.
+All sigma values are in [0, 1]; timesteps (t = 1000 * sigma) appear only in the JSON for reading.
+"""
+import json
+import math
+import operator
+from dataclasses import asdict, dataclass
+
+from .errors import ScheduleError
+from .families import get_family
+
+MODES = ("consistent", "reference")
+PHASES = ("slow", "fast")
+DEFAULTS = dict(base_steps=50, slow_steps=5, slow_stride=2, fast_steps=5)
+MAX_BASE_STEPS = 1000
+
+
+@dataclass(frozen=True)
+class Step:
+    """One model call: condition at `sigma`, move the latent from `sigma_from` to `sigma_to`."""
+    phase: str
+    sigma: float
+    sigma_from: float
+    sigma_to: float
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """An ordered list of steps plus what produced it."""
+    family: str
+    mode: str
+    width: int
+    height: int
+    base_steps: int
+    slow_steps: int
+    slow_stride: int
+    fast_steps: int
+    slow_indices: tuple
+    fast_indices: tuple
+    steps: tuple
+
+    def phase_sigmas(self, phase):
+        """Conditioning sigmas of one phase, in sampling order."""
+        return [s.sigma for s in self.steps if s.phase == phase]
+
+    @property
+    def sigmas(self):
+        """Conditioning sigmas of all steps followed by 0.0 (a ComfyUI SIGMAS list in consistent mode)."""
+        return [s.sigma for s in self.steps] + [0.0]
+
+    @property
+    def boundary(self):
+        """Sigma between the two phases: a model call above it is slow, at or below it fast."""
+        return 0.5 * (self.phase_sigmas("slow")[-1] + self.phase_sigmas("fast")[0])
+
+    def phase_at(self, sigma):
+        """Which phase ("slow" or "fast") a model call at this sigma belongs to."""
+        return "slow" if sigma > self.boundary else "fast"
+
+    def to_dict(self):
+        """Plain-data form (JSON-safe): the inputs, per-phase lists and every step."""
+        d = {k: v for k, v in asdict(self).items() if k not in ("steps", "slow_indices", "fast_indices")}
+        for phase, idx in (("slow", self.slow_indices), ("fast", self.fast_indices)):
+            sig = self.phase_sigmas(phase)
+            d[phase] = {"indices": list(idx), "sigmas": sig, "timesteps": [1000.0 * s for s in sig]}
+        d["boundary"] = self.boundary
+        d["sigmas"] = self.sigmas
+        d["steps"] = [asdict(s) for s in self.steps]
+        return d
+
+    def to_json(self, **kw):
+        """The schedule as a JSON string."""
+        return json.dumps(self.to_dict(), **kw)
+
+    @classmethod
+    def from_dict(cls, d):
+        """Rebuild a schedule from `to_dict` output (as stored in LoRA metadata)."""
+        try:
+            steps = tuple(Step(s["phase"], float(s["sigma"]), float(s["sigma_from"]), float(s["sigma_to"]))
+                          for s in d["steps"])
+            return cls(d["family"], d["mode"], d["width"], d["height"], d["base_steps"], d["slow_steps"],
+                       d["slow_stride"], d["fast_steps"], tuple(d["slow"]["indices"]),
+                       tuple(d["fast"]["indices"]), steps)
+        except (KeyError, TypeError, ValueError) as e:
+            raise ScheduleError(f"stored schedule is incomplete or malformed ({e!r})") from None
+
+
+def _int(name, value, lo, hi=None):
+    try:
+        v = operator.index(value)
+    except TypeError:
+        raise ScheduleError(f"{name} must be a whole number, got {value!r}") from None
+    if v < lo or (hi is not None and v > hi):
+        rng = f"{lo}..{hi}" if hi is not None else f">= {lo}"
+        raise ScheduleError(f"{name} must be in {rng}, got {v}")
+    return v
+
+
+def glance_indices(base_steps, slow_steps, slow_stride, fast_steps):
+    """Indices into an N-step base grid for the slow and the fast phase (two tuples)."""
+    n = _int("base_steps", base_steps, 2, MAX_BASE_STEPS)
+    slow_steps = _int("slow_steps", slow_steps, 1, n)
+    slow_stride = _int("slow_stride", slow_stride, 1, n)
+    fast_steps = _int("fast_steps", fast_steps, 1, n)
+    start = slow_steps * slow_stride
+    if start > n - 1:
+        raise ScheduleError(
+            f"the slow phase ({slow_steps} steps x stride {slow_stride} = {start} indices) uses up the whole "
+            f"{n}-step base schedule: the fast phase would not reach the end; lower slow_steps or slow_stride "
+            f"or raise base_steps")
+    remaining = n - start
+    if fast_steps > remaining:
+        raise ScheduleError(
+            f"fast_steps {fast_steps} needs {fast_steps} distinct indices but only {remaining} remain after the "
+            f"slow phase (indices {start}..{n - 1} of {n}); lower fast_steps")
+    slow = tuple(i * slow_stride for i in range(slow_steps))
+    if fast_steps == 1:
+        return slow, (n - 1,)
+    # Evenly spaced over [start, N], last pinned to N-1: for N=50 this gives 10, 20, 30, 40, 49.
+    span = remaining / (fast_steps - 1)
+    fast = [start + math.floor(i * span + 1e-9) for i in range(fast_steps - 1)] + [n - 1]
+    return slow, tuple(fast)
+
+
+def build_schedule(family="qwen-image", width=1024, height=1024, mode="consistent", base_sigmas=None,
+                   **steps):
+    """Build a Glance schedule for a family at a pixel size; `base_sigmas` only for family 'explicit'.
+
+    `steps` may set base_steps, slow_steps, slow_stride, fast_steps (defaults 50, 5, 2, 5).
+    """
+    unknown = set(steps) - set(DEFAULTS)
+    if unknown:
+        raise ScheduleError(f"unknown schedule settings: {', '.join(sorted(unknown))}")
+    cfg = {**DEFAULTS, **steps}
+    fam = get_family(family)
+    if mode not in MODES:
+        raise ScheduleError(f"unknown mode {mode!r}; choose one of: {', '.join(MODES)}")
+    if fam.shift_mode == "explicit":
+        grid = _explicit_grid(base_sigmas)
+        cfg["base_steps"] = len(grid)
+        if mode == "reference":
+            raise ScheduleError("mode 'reference' re-creates the official pipeline's fresh fast-stage grid, "
+                                "which needs a family formula; family 'explicit' supports 'consistent' only")
+    else:
+        if base_sigmas is not None:
+            raise ScheduleError(f"base_sigmas is only for family 'explicit', not {fam.name!r}")
+        _int("base_steps", cfg["base_steps"], 2, MAX_BASE_STEPS)
+        grid = fam.base_sigmas(cfg["base_steps"], width, height)
+    slow_idx, fast_idx = glance_indices(**cfg)
+    cond = [("slow", grid[i]) for i in slow_idx] + [("fast", grid[i]) for i in fast_idx]
+
+    if mode == "consistent":
+        nxt = [s for _, s in cond[1:]] + [0.0]
+        out = [Step(p, s, s, t) for (p, s), t in zip(cond, nxt)]
+    else:
+        # The official pipeline overrides only the timesteps: the slow stage steps along consecutive
+        # entries of the N-step grid, the fast stage along a fresh fast_steps grid that restarts at 1.0.
+        fast_grid = fam.base_sigmas(cfg["fast_steps"], width, height) + [0.0]
+        full = grid + [0.0]
+        out = [Step("slow", s, full[i], full[i + 1]) for i, (_, s) in enumerate(cond[:len(slow_idx)])]
+        out += [Step("fast", s, fast_grid[j], fast_grid[j + 1])
+                for j, (_, s) in enumerate(cond[len(slow_idx):])]
+    return Schedule(fam.name, mode, width, height, cfg["base_steps"], cfg["slow_steps"], cfg["slow_stride"],
+                    cfg["fast_steps"], slow_idx, fast_idx, tuple(out))
+
+
+def _explicit_grid(base_sigmas):
+    if base_sigmas is None or len(base_sigmas) == 0:
+        raise ScheduleError("family 'explicit' needs base_sigmas: the base schedule's sigmas, highest first")
+    grid = [float(s) for s in base_sigmas]
+    if grid[-1] == 0.0:
+        grid = grid[:-1]  # accept a ComfyUI SIGMAS list with its closing 0
+    if any(not (0.0 < s <= 1.0) for s in grid):
+        raise ScheduleError("explicit base_sigmas must lie in (0, 1] (a trailing 0 is allowed)")
+    if any(b >= a for a, b in zip(grid, grid[1:])):
+        raise ScheduleError("explicit base_sigmas must be strictly decreasing")
+    if len(grid) < 2:
+        raise ScheduleError("explicit base_sigmas needs at least 2 nonzero sigmas")
+    return grid

@@ -1,0 +1,11 @@
+"""The ComfyUI layer: V3 nodes over glance_core. Node ids are permanent (workflows refer to them)."""
+from comfy_api.latest import ComfyExtension, io
+
+from .schedule_node import GlanceSchedule
+
+NODES = [GlanceSchedule]
+
+
+class GlanceExtension(ComfyExtension):
+    async def get_node_list(self) -> list[type[io.ComfyNode]]:
+        return list(NODES)

@@ -1,0 +1,123 @@
+"""Find and start the real ComfyUI runtime inside the test process, and build tiny real-architecture models.
+
+ComfyUI is looked for in COMFYUI_PATH, then an enclosing ComfyUI (this pack inside custom_nodes/),
+then ~/comfy/ComfyUI.
+"""
+import importlib.util
+import os
+import sys
+
+PACK_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+HOW_TO = ("set COMFYUI_PATH to a ComfyUI checkout, put this pack in ComfyUI/custom_nodes/, or check ComfyUI "
+          "out into ~/comfy/ComfyUI (and install its requirements)")
+
+
+def _is_comfy(path):
+    return bool(path) and os.path.isfile(os.path.join(path, "main.py")) and \
+        os.path.isdir(os.path.join(path, "comfy"))
+
+
+def find_comfyui():
+    """(path, where it came from) of a ComfyUI checkout, or (None, reason)."""
+    env = os.environ.get("COMFYUI_PATH")
+    if env:
+        return (env, "COMFYUI_PATH") if _is_comfy(env) else (None, f"COMFYUI_PATH={env} is not a ComfyUI checkout")
+    parent = os.path.dirname(PACK_ROOT)
+    if os.path.basename(parent) == "custom_nodes" and _is_comfy(os.path.dirname(parent)):
+        return os.path.dirname(parent), "enclosing ComfyUI"
+    home = os.path.expanduser("~/comfy/ComfyUI")
+    if _is_comfy(home):
+        return home, "~/comfy/ComfyUI"
+    return None, "no ComfyUI found"
+
+
+_started = None
+
+
+def start(base_dir):
+    """Import ComfyUI in this process (CPU, folders under base_dir); idempotent. Returns the ComfyUI path."""
+    global _started
+    if _started:
+        return _started
+    path, where = find_comfyui()
+    if path is None:
+        raise RuntimeError(f"{where}: {HOW_TO}")
+    if path not in sys.path:
+        sys.path.insert(0, path)
+    from comfy.cli_args import args  # must precede comfy.model_management
+    args.cpu = True
+    import folder_paths
+    for sub in ("output", "input", "temp", "loras", "diffusion_models", "vae"):
+        os.makedirs(os.path.join(base_dir, sub), exist_ok=True)
+    folder_paths.set_output_directory(os.path.join(base_dir, "output"))
+    folder_paths.set_input_directory(os.path.join(base_dir, "input"))
+    folder_paths.set_temp_directory(os.path.join(base_dir, "temp"))
+    folder_paths.add_model_folder_path("loras", os.path.join(base_dir, "loras"), is_default=True)
+    folder_paths.add_model_folder_path("diffusion_models", os.path.join(base_dir, "diffusion_models"),
+                                       is_default=True)
+    folder_paths.add_model_folder_path("vae", os.path.join(base_dir, "vae"), is_default=True)
+    import comfy.model_management  # noqa: F401  (initialise devices with args.cpu set)
+    _started = path
+    return path
+
+
+def load_pack(name="glance_pack"):
+    """Import this repository as a package the way ComfyUI does (by path, relative imports inside)."""
+    if name in sys.modules:
+        return sys.modules[name]
+    spec = importlib.util.spec_from_file_location(name, os.path.join(PACK_ROOT, "__init__.py"),
+                                                  submodule_search_locations=[PACK_ROOT])
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[name] = mod
+    spec.loader.exec_module(mod)
+    return mod
+
+
+# Tiny configs of the real classes. FLUX rope axes must sum to hidden/heads; Qwen's to attention_head_dim;
+# MMDiT width is 64 x depth.
+TINY_CONFIGS = {
+    "flux": dict(image_model="flux", in_channels=16, out_channels=16, vec_in_dim=32, context_in_dim=32,
+                 hidden_size=64, mlp_ratio=4.0, num_heads=4, depth=1, depth_single_blocks=1, axes_dim=[4, 6, 6],
+                 theta=10000, patch_size=2, qkv_bias=True, guidance_embed=True),
+    "qwen-image": dict(image_model="qwen_image", patch_size=2, in_channels=64, out_channels=16, num_layers=2,
+                       attention_head_dim=16, num_attention_heads=2, joint_attention_dim=32,
+                       axes_dims_rope=(4, 6, 6)),
+    "sd3": dict(in_channels=16, out_channels=16, patch_size=2, depth=2, input_size=None, adm_in_channels=32,
+                context_embedder_config={"target": "torch.nn.Linear",
+                                         "params": {"in_features": 32, "out_features": 128}},
+                num_patches=4096, pos_embed_max_size=64, pos_embed_scaling_factor=None,
+                x_block_self_attn_layers=[]),
+}
+CONTEXT_DIM = 32
+
+
+def tiny_model(family, seed=0):
+    """A ModelPatcher around ComfyUI's own model class for `family` at tiny width, weights initialised."""
+    import torch
+    import comfy.model_management as mm
+    import comfy.model_patcher
+    import comfy.supported_models as sm
+
+    cls = {"flux": sm.Flux, "qwen-image": sm.QwenImage, "sd3": sm.SD3}[family]
+    config = cls(dict(TINY_CONFIGS[family]))
+    model = config.get_model({})
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():  # comfy.ops layers skip init: give every weight small random values
+        for p in model.diffusion_model.parameters():
+            p.copy_(torch.randn(p.shape, generator=gen) * 0.05)
+    model.diffusion_model.to(torch.float32)
+    return comfy.model_patcher.ModelPatcher(model, load_device=mm.get_torch_device(),
+                                            offload_device=mm.unet_offload_device())
+
+
+def tiny_conditioning(family, tokens=6, seed=0):
+    """ComfyUI CONDITIONING without a text encoder, in the shape each family expects."""
+    import torch
+    gen = torch.Generator().manual_seed(seed)
+    ctx = torch.randn(1, tokens, CONTEXT_DIM, generator=gen)
+    if family == "qwen-image":
+        return [[ctx, {}]]
+    extra = {"pooled_output": torch.randn(1, 32, generator=gen)}
+    if family == "flux":
+        extra["guidance"] = 3.5
+    return [[ctx, extra]]
