@@ -12,8 +12,8 @@ def models(comfy):
 
 
 def _latent(family, h=16, w=16):
-    c = 16
-    return torch.randn(1, c, 1, h, w) if family == "qwen-image" else torch.randn(1, c, h, w)
+    shape = (1, 16, 1, h, w) if family == "qwen-image" else (1, 16, h, w)
+    return torch.randn(shape, generator=torch.Generator().manual_seed(0))
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -33,8 +33,8 @@ def test_tiny_model_runs_through_comfyui(models, family):
     with torch.no_grad():
         a = model.apply_model(x, sigma, **kw)
         b = model.apply_model(x, torch.tensor([0.3]), **kw)
-    assert a.shape == x.shape and torch.isfinite(a).all()
-    assert not torch.allclose(a, b)  # the timestep reaches the network
+    assert a.shape == x.shape and torch.isfinite(a).all(), (a.shape, a.isnan().sum())
+    assert (a - b).abs().max() > 1e-4, (a - b).abs().max()  # the timestep reaches the network
 
 
 @pytest.mark.parametrize("family,expect", [("flux", "flux.1-dev"), ("qwen-image", "qwen-image"), ("sd3", "sd3")])
