@@ -1,5 +1,6 @@
 """Read a LoRA file of any common layout into one in-memory form: per module (down, up, scale)."""
 import json
+import logging
 import math
 import os
 import re
@@ -12,6 +13,7 @@ from . import layouts
 from .metadata import GlanceMeta
 from .safefile import read_header
 
+log = logging.getLogger("glance")
 SCALE_POLICIES = ("as trained", "as stored")
 OFFICIAL_ATTN = re.compile(r"\.attn\.(to_q|to_k|to_v|to_out\.0)$")
 OFFICIAL_ALPHA_PER_RANK = 4.0  # the official Glance recipes train at alpha = 4 x rank
@@ -116,6 +118,7 @@ def read_lora(path, scale_policy="as trained", device="cpu"):
     layout = _layout(namespace, styles, modules, glance, header)
     lora = LoraFile(path, layout, namespace, modules, metadata, glance, scale_policy, ignored=ignored)
     _apply_scales(lora, _trained_scales(lora, path))
+    log.info("Glance LoRA %s", lora.summary())
     return lora
 
 

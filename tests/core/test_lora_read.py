@@ -213,3 +213,14 @@ def test_cli_inspect(tmp_path, capsys):
     assert out["layout"] == "glance-official" and out["modules"] == 12 and "scale 4" in out["scale"]
     assert main(["inspect", str(tmp_path / "nope.safetensors")]) == 2
     assert "file not found" in capsys.readouterr().err
+
+
+def test_unprefixed_peft_names_and_the_log_line(tmp_path, caplog):
+    import logging
+    sd = {"transformer_blocks.0.attn.to_q.lora_A.weight": torch.randn(2, 8),
+          "transformer_blocks.0.attn.to_q.lora_B.weight": torch.randn(8, 2)}
+    with caplog.at_level(logging.INFO, logger="glance"):
+        lora = read_lora(lf.write(tmp_path / "bare.safetensors", sd))
+    assert lora.namespace == "diffusers" and list(lora.modules) == ["transformer_blocks.0.attn.to_q"]
+    assert any("bare.safetensors: diffusers layout" in r.getMessage() and "scale 1" in r.getMessage()
+               for r in caplog.records)
