@@ -2,18 +2,22 @@
 
 ComfyUI imports this file by path; everything below uses relative imports (see nodes/).
 """
+import importlib.util
 import logging
 import os
 
 _HERE = os.path.dirname(os.path.abspath(__file__))
+GlanceExtension = None
 
-try:
-    from .nodes import GlanceExtension
-    _MISSING = None
-except ImportError as e:  # a missing dependency must not take ComfyUI or other packs down
-    GlanceExtension, _MISSING = None, e
-    logging.error("[Glance] nodes not loaded: Python package %r is missing (%s). Install the pack's "
-                  "requirements: pip install -r %s", e.name, e, os.path.join(_HERE, "requirements.txt"))
+if importlib.util.find_spec("comfy_api") is None:
+    # Imported outside ComfyUI (a test runner collecting this folder, say): there is nothing to register.
+    logging.getLogger("glance").debug("ComfyUI not importable; Glance nodes not registered")
+else:
+    try:
+        from .nodes import GlanceExtension
+    except ImportError as e:  # a missing dependency must not take ComfyUI or other packs down
+        logging.error("[Glance] nodes not loaded: Python package %r is missing (%s). Install the pack's "
+                      "requirements: pip install -r %s", e.name, e, os.path.join(_HERE, "requirements.txt"))
 
 
 async def comfy_entrypoint():

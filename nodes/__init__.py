@@ -1,9 +1,11 @@
 """The ComfyUI layer: V3 nodes over glance_core. Node ids are permanent (workflows refer to them)."""
 from comfy_api.latest import ComfyExtension, io
 
+from .loader_node import GlanceLoRAPairLoader
+from .sampler_node import GlanceSampler
 from .schedule_node import GlanceSchedule
 
-NODES = [GlanceSchedule]
+NODES = [GlanceLoRAPairLoader, GlanceSchedule, GlanceSampler]
 
 
 class GlanceExtension(ComfyExtension):

@@ -102,9 +102,11 @@ def tiny_model(family, seed=0):
     config = cls(dict(TINY_CONFIGS[family]))
     model = config.get_model({})
     gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():  # comfy.ops layers skip init: give every weight small random values
-        for p in model.diffusion_model.parameters():
-            p.copy_(torch.randn(p.shape, generator=gen) * 0.05)
+    with torch.no_grad():  # comfy.ops layers skip init (torch.empty): give every weight small random values
+        # Buffers too: SD3's pos_embed is an uninitialised buffer that real checkpoints fill.
+        for p in [*model.diffusion_model.parameters(), *model.diffusion_model.buffers()]:
+            if p.is_floating_point():
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.05)
     model.diffusion_model.to(torch.float32)
     return comfy.model_patcher.ModelPatcher(model, load_device=mm.get_torch_device(),
                                             offload_device=mm.unet_offload_device())
@@ -121,3 +123,19 @@ def tiny_conditioning(family, tokens=6, seed=0):
     if family == "flux":
         extra["guidance"] = 3.5
     return [[ctx, extra]]
+
+
+def loras_dir():
+    """ComfyUI's (test) loras folder."""
+    import folder_paths
+    return folder_paths.get_folder_paths("loras")[0]
+
+
+def linear_layers(patcher, include=("blocks",)):
+    """{module path without 'diffusion_model.': (in, out)} of the model's 2-D weights inside its blocks."""
+    out = {}
+    for k, v in patcher.model.state_dict().items():
+        if k.startswith("diffusion_model.") and k.endswith(".weight") and v.dim() == 2 and \
+                any(s in k for s in include):
+            out[k[len("diffusion_model."):-len(".weight")]] = (v.shape[1], v.shape[0])
+    return out

@@ -27,17 +27,21 @@ def read_header(path):
                                   "refused without unpickling. Convert the file to .safetensors")
     size = os.path.getsize(path)
     with open(path, "rb") as f:
-        head = f.read(8)
-        if head[:4] == b"PK\x03\x04" or head[:1] == b"\x80":
+        head = f.read(9)
+        n = struct.unpack("<Q", head[:8])[0] if len(head) >= 8 else 0
+        looks_safetensors = len(head) == 9 and head[8:9] == b"{" and 2 <= n <= MAX_HEADER
+        # Only now test pickle magic: a safetensors header length can begin with the same bytes.
+        pickled = head[:4] == b"PK\x03\x04" or (head[:1] == b"\x80" and head[1:2] in (b"\x02", b"\x03", b"\x04", b"\x05"))
+        if pickled and not looks_safetensors:
             raise LoraFileError(path, "this is a pickle checkpoint (torch.save) despite its name; refused without "
                                       "unpickling. Convert it to safetensors")
         if len(head) < 8:
             raise LoraFileError(path, f"not a safetensors file: only {size} bytes")
-        (n,) = struct.unpack("<Q", head)
-        if n < 2 or n > MAX_HEADER:
-            raise LoraFileError(path, "not a safetensors file (no valid header length)")
+        if not looks_safetensors:
+            raise LoraFileError(path, "not a safetensors file (no valid header)")
         if 8 + n > size:
             raise LoraFileError(path, f"truncated: header says {n} bytes, file has {size - 8} after the length")
+        f.seek(8)
         raw = f.read(n)
     try:
         header = json.loads(raw.decode("utf-8"))

@@ -224,3 +224,16 @@ def test_unprefixed_peft_names_and_the_log_line(tmp_path, caplog):
     assert lora.namespace == "diffusers" and list(lora.modules) == ["transformer_blocks.0.attn.to_q"]
     assert any("bare.safetensors: diffusers layout" in r.getMessage() and "scale 1" in r.getMessage()
                for r in caplog.records)
+
+
+def test_header_length_that_looks_like_pickle_magic(tmp_path):
+    # A valid safetensors file whose 8-byte header length starts with 0x80 0x02 (like pickle protocol 2).
+    tensors = lf.comfy_tensors(["a.b"])
+    for pad in range(0, 800):
+        path = lf.write(tmp_path / "p.safetensors", tensors, {"pad": "x" * pad})
+        head = path.read_bytes()[:2]
+        if head == b"\x80\x02":
+            break
+    else:
+        pytest.fail("could not craft the header length")
+    assert list(read_lora(path).modules) == ["a.b"]

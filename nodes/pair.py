@@ -1,0 +1,116 @@
+"""A Glance pair on a ComfyUI MODEL: both LoRAs as run-time branches, switched per model call by sigma.
+
+No weight is patched, so ComfyUI's patches_uuid never changes: no reload between the phases or between
+generations, and stock LoRAs, CFGNorm and ModelSampling patches stack as usual.
+"""
+import logging
+
+import comfy.lora
+import comfy.patcher_extension
+import comfy.utils
+
+from ..glance_core import runtime
+from ..glance_core.errors import GlanceError, LoraFileError
+from ..glance_core.families import get_family
+from ..glance_core.lora import check_matches
+from ..glance_core.schedule import DEFAULTS, build_schedule
+
+log = logging.getLogger("glance")
+WRAPPER_KEY = "glance_pair"
+BOUNDARY_OPTION = "glance_boundary"  # transformer_options key: the sampler's exact boundary sigma
+# How each naming namespace of glance_core spells a module in ComfyUI's LoRA key map.
+KEY_PREFIXES = {"comfyui": ("diffusion_model.",), "kohya": ("lora_unet_",),
+                "diffusers": ("transformer.", "", "base_model.model.", "diffusion_model.")}
+
+
+def attach(model, lora, adapter, strength, input_name):
+    """Map a LoraFile's modules onto the MODEL's layers with ComfyUI's key map and add them to `adapter`."""
+    key_map = comfy.lora.model_lora_keys_unet(model.model, {})
+    targets = {}
+    for name in lora.modules:
+        for prefix in KEY_PREFIXES[lora.namespace]:
+            hit = key_map.get(prefix + name)
+            if hit is not None:
+                targets[name] = hit
+                break
+    label = f"this {type(model.model.model_config).__name__} model"
+    try:
+        check_matches(lora, (), label, key_map=targets, strict=True)
+        for name, m in lora.modules.items():
+            _add_branch(model, lora.path, name, m, targets[name], adapter, strength)
+    except LoraFileError as e:
+        raise GlanceError(f"{input_name}: {e}") from None
+
+
+def _add_branch(model, path, name, m, target, adapter, strength):
+    key, off, length = (target, 0, None) if isinstance(target, str) else (target[0], *target[1][1:3])
+    if not isinstance(target, str) and target[1][0] != 0:
+        raise LoraFileError(path, f"module {name!r} maps onto a slice of {key} along dim {target[1][0]}, "
+                                  "which run-time branches do not support")
+    module = comfy.utils.get_attr(model.model, key[: -len(".weight")])
+    weight = getattr(module, "weight", None)
+    if weight is None or weight.dim() != 2:
+        raise LoraFileError(path, f"module {name!r} targets {key}, which is not a linear layer")
+    out_f, in_f = weight.shape
+    length = out_f if length is None else length
+    if m.down.dim() != 2 or m.down.shape[1] != in_f or m.up.shape[0] != length:
+        raise LoraFileError(path, f"module {name!r}: down {tuple(m.down.shape)} / up {tuple(m.up.shape)} do not "
+                                  f"fit layer {key} (in {in_f}, out {length}); is the file for another model size?")
+    adapter.add(module, m.down, m.up, m.scale * strength, off, None if length == out_f and off == 0 else length)
+
+
+class GlancePair:
+    """The APPLY_MODEL wrapper a Glance MODEL carries: picks the slow or fast adapter for each model call."""
+
+    def __init__(self, slow, fast, family, steps, report):
+        self.adapters = {"slow": slow, "fast": fast}
+        self.family = family    # schedule preset of the pair (metadata, else the model's family)
+        self.steps = steps      # step settings the pair was trained for
+        self.report = report
+        self.calls = {"slow": 0, "fast": 0}
+        self.trace = None       # set to a list to record (sigma, phase) of every call (tests, debugging)
+        self._boundaries = {}
+
+    def boundary(self, x, transformer_options):
+        """Sigma between the phases: the sampler's own if it set one, else the pair's schedule at x's size."""
+        b = transformer_options.get(BOUNDARY_OPTION)
+        if b is not None:
+            return b
+        fam = get_family(self.family)
+        size = (x.shape[-1] * fam.vae_factor, x.shape[-2] * fam.vae_factor)
+        if size not in self._boundaries:
+            w, h = (v - v % fam.pixel_multiple or fam.pixel_multiple for v in size)
+            self._boundaries[size] = build_schedule(fam.name, w, h, **self.steps).boundary
+        return self._boundaries[size]
+
+    def __call__(self, executor, x, t, c_concat=None, c_crossattn=None, control=None, transformer_options={},
+                 **kwargs):
+        sigma = float(t.reshape(-1)[0])
+        phase = "slow" if sigma > self.boundary(x, transformer_options) else "fast"
+        self.calls[phase] += 1
+        if self.trace is not None:
+            self.trace.append((sigma, phase))
+        with runtime.active(self.adapters[phase]):
+            return executor(x, t, c_concat, c_crossattn, control, transformer_options, **kwargs)
+
+
+def pair_of(model):
+    """The GlancePair a MODEL carries (the last one loaded), or None."""
+    pairs = model.get_wrappers(comfy.patcher_extension.WrappersMP.APPLY_MODEL, WRAPPER_KEY)
+    return pairs[-1] if pairs else None
+
+
+def with_pair(model, pair):
+    """A clone of MODEL that carries `pair`."""
+    m = model.clone()
+    m.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.APPLY_MODEL, WRAPPER_KEY, pair)
+    return m
+
+
+def pair_steps(slow, fast):
+    """Step settings of a pair: from its Glance metadata when present, else the defaults."""
+    for lora in (slow, fast):
+        sched = (lora.glance.schedule if lora.glance else None) or {}
+        if sched:
+            return {k: int(sched.get(k, v)) for k, v in DEFAULTS.items()}
+    return dict(DEFAULTS)

@@ -1,0 +1,76 @@
+import torch
+
+from glance_core import runtime
+
+
+def _lin(i=8, o=12, seed=0):
+    torch.manual_seed(seed)
+    return torch.nn.Linear(i, o)
+
+
+def test_branch_only_while_active():
+    lin = _lin()
+    down, up = torch.randn(3, 8), torch.randn(12, 3)
+    ad = runtime.Adapter("slow")
+    ad.add(lin, down, up, 0.5)
+    x = torch.randn(2, 5, 8)
+    base = lin(x)
+    with torch.no_grad():
+        with runtime.active(ad):
+            got = lin(x)
+        after = lin(x)
+    torch.testing.assert_close(got, base + 0.5 * x @ (up @ down).t())
+    torch.testing.assert_close(after, base)  # inactive: untouched
+    assert ad.applied == 1
+
+
+def test_fused_slices_and_two_adapters():
+    lin = _lin(8, 24)
+    g = torch.Generator().manual_seed(1)
+    parts = [(torch.randn(2, 8, generator=g), torch.randn(8, 2, generator=g)) for _ in range(3)]
+    a, b = runtime.Adapter("a"), runtime.Adapter("b")
+    for k, (d, u) in enumerate(parts):
+        a.add(lin, d, u, 2.0, offset=8 * k, length=8)
+    extra_d, extra_u = torch.randn(4, 8, generator=g), torch.randn(24, 4, generator=g)
+    b.add(lin, extra_d, extra_u, 1.0)
+    x = torch.randn(3, 8, generator=g)
+    want = lin(x).detach() + x @ (extra_u @ extra_d).t()
+    for k, (d, u) in enumerate(parts):
+        want[:, 8 * k:8 * k + 8] += 2.0 * x @ (u @ d).t()
+    with torch.inference_mode(), runtime.active(a, b):
+        got = lin(x)
+    torch.testing.assert_close(got, want)
+
+
+def test_gradients_flow_through_the_branch():
+    lin = _lin()
+    down = torch.randn(3, 8, requires_grad=True)
+    up = torch.randn(12, 3, requires_grad=True)
+    ad = runtime.Adapter("t")
+    ad.add(lin, down, up, 1.0)
+    with runtime.active(ad):
+        lin(torch.randn(4, 8)).sum().backward()
+    assert up.grad is not None and up.grad.abs().sum() > 0
+
+
+def test_one_device_copy_and_no_duplicate_storage():
+    lin = _lin().to(torch.float64)
+    ad = runtime.Adapter("s")
+    ad.add(lin, torch.randn(3, 8, dtype=torch.bfloat16), torch.randn(12, 3, dtype=torch.bfloat16), 1.0)
+    size_bf16 = ad.nbytes
+    with torch.no_grad(), runtime.active(ad):
+        lin(torch.randn(2, 8, dtype=torch.float64))
+    # Converted in place on the same device: one copy, in the compute dtype.
+    assert ad.nbytes == size_bf16 * 4
+    prepared = ad._prepared[1][lin]
+    assert prepared[0].data_ptr() == ad.branches[lin][0][0].data_ptr()
+
+
+def test_uninstall():
+    lin = _lin()
+    ad = runtime.Adapter("s")
+    ad.add(lin, torch.randn(3, 8), torch.randn(12, 3), 1.0)
+    runtime.uninstall(lin)
+    x = torch.randn(2, 8)
+    with torch.no_grad(), runtime.active(ad):
+        torch.testing.assert_close(lin(x), torch.nn.functional.linear(x, lin.weight, lin.bias))
