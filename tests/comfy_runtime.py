@@ -139,3 +139,23 @@ def linear_layers(patcher, include=("blocks",)):
                 any(s in k for s in include):
             out[k[len("diffusion_model."):-len(".weight")]] = (v.shape[1], v.shape[0])
     return out
+
+
+def qwen_block_model(layers=1, init="randn", seed=0):
+    """ComfyUI's Qwen-Image at its real width (3072, MLP 12288, modulation 18432) with `layers` blocks."""
+    import torch
+    import comfy.model_management as mm
+    import comfy.model_patcher
+    import comfy.supported_models as sm
+    config = sm.QwenImage({"image_model": "qwen_image", "num_layers": layers})
+    model = config.get_model({})
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.diffusion_model.parameters():
+            if init == "zeros":
+                p.zero_()
+            else:  # scaled so activations stay O(1) through the block
+                p.copy_(torch.randn(p.shape, generator=gen) * (0.5 / max(1, p.shape[-1]) ** 0.5))
+    model.diffusion_model.to(torch.float32)
+    return comfy.model_patcher.ModelPatcher(model, load_device=mm.get_torch_device(),
+                                            offload_device=mm.unet_offload_device())

@@ -317,3 +317,30 @@ def test_scale_policy_and_strength(gp, models):
     a, b, c = (_sample(gp, m, family) for m in (m1, m2, m3))
     assert (a - b).abs().max() > 1e-3
     torch.testing.assert_close(a, c, rtol=1e-4, atol=1e-5)  # 4 x "as stored" == "as trained" for official files
+
+
+def test_official_layout_on_a_full_width_qwen_block(gp, comfy):
+    """Real shapes: 3072 wide, MLP 12288, modulation 18432; all 12 module types get the exact delta."""
+    from glance_pack.glance_core import runtime
+    base = comfy_runtime.qwen_block_model(init="zeros")
+    name = "full_width_official.safetensors"
+    path = os.path.join(comfy_runtime.loras_dir(), name)
+    lf.write(path, lf.official_qwen_tensors(blocks=1, rank=32, dim=3072, mlp=12288, mod=18432, seed=5))
+    model, report = gp.loader.load_pair(base, name, name, 1.0, 1.0, "as trained")
+    pair = gp.pair.pair_of(model)
+    adapter = pair.adapters["slow"]
+    assert len(adapter.branches) == 12 and "12 modules, rank 32" in report
+    lora = gp.lora.read_lora(path)
+    g = torch.Generator().manual_seed(0)
+    blk = base.model.diffusion_model.transformer_blocks[0]
+    import comfy.utils
+    for mod_name, m in lora.modules.items():
+        module = comfy.utils.get_attr(base.model.diffusion_model, mod_name)
+        assert module in adapter.branches
+        x = torch.randn(3, module.weight.shape[1], generator=g)
+        with torch.inference_mode():
+            plain = module(x)
+            with runtime.active(adapter):
+                got = module(x)
+        torch.testing.assert_close(got - plain, x @ m.delta().t(), rtol=2e-3, atol=2e-3)
+    assert blk.img_mlp.net[2].weight.shape == (3072, 12288) and blk.img_mod[1].weight.shape == (18432, 3072)
