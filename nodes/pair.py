@@ -83,6 +83,12 @@ class GlancePair:
             self._boundaries[size] = build_schedule(fam.name, w, h, **self.steps).boundary
         return self._boundaries[size]
 
+    def on_detach(self, patcher, unpatch_all):
+        """ModelPatcher ON_DETACH callback: when ComfyUI unloads the model, free the adapters' device copies."""
+        if unpatch_all:
+            for adapter in self.adapters.values():
+                adapter.release()
+
     def __call__(self, executor, x, t, c_concat=None, c_crossattn=None, control=None, transformer_options={},
                  **kwargs):
         sigma = float(t.reshape(-1)[0])
@@ -104,6 +110,7 @@ def with_pair(model, pair):
     """A clone of MODEL that carries `pair`."""
     m = model.clone()
     m.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.APPLY_MODEL, WRAPPER_KEY, pair)
+    m.add_callback_with_key(comfy.patcher_extension.CallbacksMP.ON_DETACH, WRAPPER_KEY, pair.on_detach)
     return m
 
 

@@ -204,6 +204,13 @@ def test_no_reload_and_no_repatching_between_generations(gp, models, monkeypatch
     assert model.patches_uuid == stacked.patches_uuid
     for o in outs:
         torch.testing.assert_close(o, first)
+    # Unloading the model frees the adapters' device copies; the next generation rebuilds them.
+    import comfy.model_management as mm
+    pair = gp.pair.pair_of(model)
+    assert pair.adapters["slow"]._prepared[0] is not None
+    mm.unload_all_models()
+    assert all(a._prepared == (None, None) for a in pair.adapters.values())
+    torch.testing.assert_close(_sample(gp, model, family), first)
 
 
 def test_stacks_with_cfgnorm_auraflow_and_stock_loras_after(gp, models):
