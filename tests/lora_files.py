@@ -57,3 +57,15 @@ def comfy_tensors(names, rank=4, fin=16, fout=16, alpha=2.0, seed=2):
         sd[k + ".lora_up.weight"] = torch.randn(fout, rank, generator=g)
         sd[k + ".alpha"] = torch.tensor(alpha)
     return sd
+
+
+def flux_diffusers_tensors(hidden=64, rank=4, seed=0, scale=0.3):
+    """A FLUX LoRA in diffusers layout on q/k/v of one double and one single block (ComfyUI fuses these)."""
+    g = torch.Generator().manual_seed(seed)
+    sd = {}
+    for blk in ("transformer_blocks.0", "single_transformer_blocks.0"):
+        for p in ("to_q", "to_k", "to_v"):
+            k = f"transformer.{blk}.attn.{p}"
+            sd[k + ".lora_A.weight"] = torch.randn(rank, hidden, generator=g) * scale
+            sd[k + ".lora_B.weight"] = torch.randn(hidden, rank, generator=g) * scale
+    return sd

@@ -57,15 +57,8 @@ def test_written_file_loads_in_stock_comfyui_at_the_trained_scale(pack, qwen, tm
 def test_flux_diffusers_layout_lands_on_fused_qkv_slices(pack, comfy, tmp_path):
     from glance_pack.glance_core.lora import read_lora
     flux = comfy_runtime.tiny_model("flux")
-    h, r = 64, 4
-    g = torch.Generator().manual_seed(5)
-    sd = {}
-    for blk in ("transformer_blocks.0", "single_transformer_blocks.0"):
-        for p in ("to_q", "to_k", "to_v"):
-            k = f"transformer.{blk}.attn.{p}"
-            sd[k + ".lora_A.weight"] = torch.randn(r, h, generator=g)
-            sd[k + ".lora_B.weight"] = torch.randn(h, r, generator=g)
-    path = lf.write(tmp_path / "flux_diffusers.safetensors", sd)
+    h = 64
+    path = lf.write(tmp_path / "flux_diffusers.safetensors", lf.flux_diffusers_tensors(hidden=h, seed=5, scale=1.0))
     lora = read_lora(path)
     assert lora.family == "flux.1-dev" and len(lora.modules) == 6
     base, merged, patched = _merged(flux, path)

