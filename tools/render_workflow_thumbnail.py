@@ -41,7 +41,8 @@ def render(workflow, out_path):
         (ax, ay), (bx, by) = pt(*n["pos"]), pt(n["pos"][0] + n["size"][0], n["pos"][1] + n["size"][1])
         glance = n["type"].startswith("Glance")
         d.rounded_rectangle([ax, ay, bx, by], radius=6, fill=BOX, outline=GLANCE if glance else (80, 82, 92), width=2)
-        d.rounded_rectangle([ax, ay, bx, ay + TITLE_H * s / 0.45 * 0.5], radius=6, fill=GLANCE if glance else (70, 72, 82))
+        title_fill = GLANCE if glance else (70, 72, 82)
+        d.rounded_rectangle([ax, ay, bx, ay + TITLE_H * s / 0.45 * 0.5], radius=6, fill=title_fill)
         d.text((ax + 6, ay + 3), n.get("title") or n["type"], fill=TEXT, font=font)
     img.save(out_path, "JPEG", quality=88)
 

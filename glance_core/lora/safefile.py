@@ -9,6 +9,7 @@ import struct
 from ..errors import LoraFileError
 
 PICKLE_EXTS = (".ckpt", ".pt", ".pth", ".bin", ".pkl", ".pickle")
+PICKLE_PROTOCOLS = (b"\x02", b"\x03", b"\x04", b"\x05")  # the byte after a pickle's 0x80 opcode
 MAX_HEADER = 100 * 1024 * 1024
 DTYPE_SIZES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1,
                "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1, "U16": 2, "U32": 4, "U64": 8}
@@ -31,7 +32,7 @@ def read_header(path):
         n = struct.unpack("<Q", head[:8])[0] if len(head) >= 8 else 0
         looks_safetensors = len(head) == 9 and head[8:9] == b"{" and 2 <= n <= MAX_HEADER
         # Only now test pickle magic: a safetensors header length can begin with the same bytes.
-        pickled = head[:4] == b"PK\x03\x04" or (head[:1] == b"\x80" and head[1:2] in (b"\x02", b"\x03", b"\x04", b"\x05"))
+        pickled = head[:4] == b"PK\x03\x04" or (head[:1] == b"\x80" and head[1:2] in PICKLE_PROTOCOLS)
         if pickled and not looks_safetensors:
             raise LoraFileError(path, "this is a pickle checkpoint (torch.save) despite its name; refused without "
                                       "unpickling. Convert it to safetensors")
