@@ -17,11 +17,12 @@ _HOOK_ATTR = "_glance_lora_hook"
 class Adapter:
     """One LoRA (for example the Slow one) as run-time branches, keyed by module object."""
 
-    def __init__(self, name):
+    def __init__(self, name, trainable=False):
         self.name = name
+        self.trainable = trainable  # parameters change every step: rebuild device views each call, cache nothing
         self.branches = {}  # module -> list of (down (r,in), up (len,r), scale, offset, length)
         self.applied = 0    # module applications so far: how tests see that the adapter really ran
-        self._prepared = (None, None)  # ((device, dtype), {module: (A_cat, [(B_scaled, r0, r1, off, len)])})
+        self._prepared = (None, None)  # ((device, dtype), {module: _prepare(...)})
 
     def add(self, module, down, up, scale, offset=0, length=None):
         """Add a branch: output[..., offset:offset+length] += scale * up @ down @ x (length None: whole output)."""
@@ -37,6 +38,18 @@ class Adapter:
         """Size of the stored down/up tensors in bytes."""
         return sum(t.numel() * t.element_size() for bs in self.branches.values() for b in bs for t in b[:2])
 
+    def parameters(self):
+        """The down/up tensors of every branch (what an optimizer trains)."""
+        return [t for bs in self.branches.values() for b in bs for t in b[:2]]
+
+    def freeze(self, storage="cpu"):
+        """End training: keep detached copies on `storage`; the adapter becomes a plain (cached) inference one."""
+        for bs in self.branches.values():
+            bs[:] = [(d.detach().to(storage).requires_grad_(False), u.detach().to(storage).requires_grad_(False), *rest)
+                     for d, u, *rest in bs]
+        self.trainable = False
+        self._prepared = (None, None)
+
     def _for(self, device, dtype):
         key, prepared = self._prepared
         if key == (device, dtype):
@@ -45,16 +58,7 @@ class Adapter:
             # Keep one copy only: where the branches already live on this device, convert them in place.
             if all(b[0].device == device for b in branches):
                 branches[:] = [(d.to(dtype), u.to(dtype), *rest) for d, u, *rest in branches]
-        prepared = {}
-        for module, branches in self.branches.items():
-            downs, pieces, r0 = [], [], 0
-            for down, up, scale, off, length in branches:
-                r = down.shape[0]
-                downs.append(down.to(device=device, dtype=dtype))
-                pieces.append((up.to(device=device, dtype=dtype), scale, r0, r0 + r, off,
-                               up.shape[0] if length is None else length))
-                r0 += r
-            prepared[module] = (torch.cat(downs, 0) if len(downs) > 1 else downs[0], pieces)
+        prepared = {m: _prepare(bs, device, dtype) for m, bs in self.branches.items()}
         self._prepared = ((device, dtype), prepared)  # one device/dtype at a time: no growth
         return prepared
 
@@ -64,7 +68,11 @@ class Adapter:
 
     def apply(self, module, x, out):
         """Return `out` with this adapter's branches of `module` added (in place when no grad is needed)."""
-        entry = self._for(out.device, out.dtype).get(module)
+        if self.trainable:  # parameters change every step: build this module's view afresh, cache nothing
+            branches = self.branches.get(module)
+            entry = None if branches is None else _prepare(branches, out.device, out.dtype)
+        else:
+            entry = self._for(out.device, out.dtype).get(module)
         if entry is None:
             return out
         self.applied += 1
@@ -79,6 +87,18 @@ class Adapter:
         for b, scale, r0, r1, off, length in pieces:
             out2[:, off:off + length].addmm_(z[:, r0:r1], b.t(), alpha=scale)  # no output-sized temporary
         return out
+
+
+def _prepare(branches, device, dtype):
+    """(A_cat, [(B, scale, r0, r1, offset, length)]) of one module's branches on a device and dtype."""
+    downs, pieces, r0 = [], [], 0
+    for down, up, scale, off, length in branches:
+        r = down.shape[0]
+        downs.append(down.to(device=device, dtype=dtype))
+        pieces.append((up.to(device=device, dtype=dtype), scale, r0, r0 + r, off,
+                       up.shape[0] if length is None else length))
+        r0 += r
+    return (torch.cat(downs, 0) if len(downs) > 1 else downs[0]), pieces
 
 
 def _hook(module, args, out):
@@ -102,10 +122,16 @@ def uninstall(module):
 
 
 @contextlib.contextmanager
-def active(*adapters):
-    """Within this block, model calls on this thread/task add the given adapters' branches."""
-    token = _ACTIVE.set(_ACTIVE.get() + tuple(a for a in adapters if a is not None))
+def active(*adapters, replace=False):
+    """Within this block, model calls on this thread/task add the given adapters' branches (replace: only them)."""
+    new = tuple(a for a in adapters if a is not None)
+    token = _ACTIVE.set(new if replace else _ACTIVE.get() + new)
     try:
         yield
     finally:
         _ACTIVE.reset(token)
+
+
+def current():
+    """The adapters active here (to re-enter the same state later, e.g. in a checkpoint's recomputation)."""
+    return _ACTIVE.get()

@@ -4,8 +4,9 @@ from comfy_api.latest import ComfyExtension, io
 from .loader_node import GlanceLoRAPairLoader
 from .sampler_node import GlanceSampler
 from .schedule_node import GlanceSchedule
+from .train_node import GlanceTrainLoRAPair
 
-NODES = [GlanceLoRAPairLoader, GlanceSchedule, GlanceSampler]
+NODES = [GlanceLoRAPairLoader, GlanceSchedule, GlanceSampler, GlanceTrainLoRAPair]
 
 
 class GlanceExtension(ComfyExtension):

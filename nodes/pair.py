@@ -62,18 +62,19 @@ def _add_branch(model, path, name, m, target, adapter, strength):
 class GlancePair:
     """The APPLY_MODEL wrapper a Glance MODEL carries: picks the slow or fast adapter for each model call."""
 
-    def __init__(self, slow, fast, family, steps, report):
+    def __init__(self, slow, fast, family, steps, report, fixed_boundary=None):
         self.adapters = {"slow": slow, "fast": fast}
         self.family = family    # schedule preset of the pair (metadata, else the model's family)
         self.steps = steps      # step settings the pair was trained for
         self.report = report
         self.calls = {"slow": 0, "fast": 0}
         self.trace = None       # set to a list to record (sigma, phase) of every call (tests, debugging)
+        self.fixed_boundary = fixed_boundary  # for pairs on explicit schedules (no preset to compute one)
         self._boundaries = {}
 
     def boundary(self, x, transformer_options):
         """Sigma between the phases: the sampler's own if it set one, else the pair's schedule at x's size."""
-        b = transformer_options.get(BOUNDARY_OPTION)
+        b = transformer_options.get(BOUNDARY_OPTION, self.fixed_boundary)
         if b is not None:
             return b
         fam = get_family(self.family)

@@ -1,4 +1,6 @@
 """Write LoRA files that stock ComfyUI loaders read 1:1: explicit alpha, atomic, never clobbering by default."""
+import dataclasses
+import json
 import os
 import tempfile
 
@@ -26,20 +28,45 @@ def lora_state_dict(modules, namespace="comfyui", dtype=None):
     return out
 
 
+def save_lora_diffusers(path, modules, meta, overwrite=False):
+    """Write `modules` {diffusers name: (down, up, alpha)} in peft layout for diffusers' load_lora_weights.
+
+    diffusers reads no alpha tensors, so each scale alpha/rank is folded into up and the file says
+    lora_alpha = r: the weight deltas stay exactly those of the ComfyUI file.
+    """
+    ranks = {down.shape[0] for down, _, _ in modules.values()}
+    if len(ranks) != 1:
+        raise LoraFileError(path, f"diffusers export needs one rank for all modules, got {sorted(ranks)}")
+    (rank,) = ranks
+    tensors = {}
+    for name, (down, up, alpha) in modules.items():
+        key = "transformer." + name
+        tensors[key + ".lora_A.weight"] = down.detach().float().cpu().contiguous()
+        tensors[key + ".lora_B.weight"] = (up.detach().float().cpu() * (float(alpha) / rank)).contiguous()
+    config = {"transformer.r": rank, "transformer.lora_alpha": rank, "transformer.target_modules": sorted(modules)}
+    folded = dataclasses.replace(meta, alpha=float(rank), extra={**meta.extra, "scale_folded_into_up": True,
+                                                                 "trained_alpha": meta.alpha})
+    header = {**folded.to_header(), "lora_adapter_metadata": json.dumps(config), "format": "pt"}
+    return _write(path, tensors, header, overwrite)
+
+
 def save_lora(path, modules, metadata=None, namespace="comfyui", dtype=None, overwrite=False):
     """Atomically write a LoRA safetensors file; `metadata` is a str->str header (e.g. GlanceMeta.to_header()).
 
     The file is written under a temporary name in the same folder and renamed into place, so an
     interrupted save never leaves a partial file under the final name.
     """
-    path = os.fspath(path)
     if not modules:
         raise LoraFileError(path, "nothing to save: no LoRA modules")
+    return _write(path, lora_state_dict(modules, namespace, dtype), metadata, overwrite)
+
+
+def _write(path, tensors, metadata, overwrite):
+    path = os.fspath(path)
     if os.path.exists(path) and not overwrite:
         raise LoraFileError(path, "file exists; choose another name or allow overwriting")
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
-    tensors = lora_state_dict(modules, namespace, dtype)
     fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".part", dir=folder)
     os.close(fd)
     try:

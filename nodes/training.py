@@ -1,0 +1,146 @@
+"""Training on a ComfyUI MODEL: targets per family, autograd-safe weights, checkpointed blocks, the step loop
+run through ComfyUI's own model call path (a custom Sampler under a CFGGuider)."""
+import contextlib
+import re
+
+import comfy.lora
+import comfy.samplers
+import comfy.utils
+import torch
+import torch.utils.checkpoint
+
+from ..glance_core import runtime
+from ..glance_core.train import lora_pair_params
+
+# Module names (diffusers spelling where ComfyUI's key map has one) of each family's training targets.
+TARGETS = {
+    "qwen-image": re.compile(r"transformer_blocks\.\d+\.(attn\.(to_q|to_k|to_v|add_q_proj|add_k_proj|add_v_proj|"
+                             r"to_out\.0|to_add_out)|img_mlp\.net\.2|txt_mlp\.net\.2|img_mod\.1|txt_mod\.1)$"),
+    "flux.1-dev": re.compile(r"(single_)?transformer_blocks\.\d+\.attn\.(to_q|to_k|to_v|to_out\.0)$"),
+    "sd3": re.compile(r"transformer_blocks\.\d+\.attn\.(to_q|to_k|to_v|to_out\.0)$"),
+}
+# Families whose blocks never add in place into tensors autograd saved (checked by the tests).
+IN_PLACE_SAFE = {"qwen-image"}
+# Other flow families: attention projections under their ComfyUI names.
+GENERIC = re.compile(r"(attn|attention)[^.]*\.(qkv|to_q|to_k|to_v|q_proj|k_proj|v_proj|to_out\.0|o_proj|out_proj|proj)$")
+
+
+def training_targets(model, family):
+    """[(save name, namespace, weight key, offset, length)] of the layers a family's recipe adapts."""
+    out = []
+    pattern = TARGETS.get(family)
+    if pattern is not None:
+        key_map = comfy.lora.model_lora_keys_unet(model.model, {})
+        for k, target in key_map.items():
+            if k.startswith("transformer.") and pattern.search(k[len("transformer."):]):
+                key, off, length = (target, 0, None) if isinstance(target, str) else (target[0], *target[1][1:3])
+                out.append((k[len("transformer."):], "diffusers", key, off, length))
+    else:
+        for k, w in model.model.state_dict().items():
+            name = k[len("diffusion_model."):-len(".weight")]
+            if k.startswith("diffusion_model.") and k.endswith(".weight") and w.dim() == 2 and GENERIC.search(name):
+                out.append((name, "comfyui", k, 0, None))
+    return sorted(out)
+
+
+def build_adapter(model, targets, rank, alpha, phase, dtype, generator):
+    """A trainable run-time Adapter over `targets`, plus {save name: (down, up)} of its parameters."""
+    adapter = runtime.Adapter(phase, trainable=True)
+    params = {}
+    for name, _, key, off, length in targets:
+        module = comfy.utils.get_attr(model.model, key[: -len(".weight")])
+        out_f, in_f = module.weight.shape
+        n = out_f if length is None else length
+        down, up = lora_pair_params((rank, in_f), (n, rank), rank, dtype=dtype, device=module.weight.device,
+                                    generator=generator)
+        adapter.add(module, down, up, alpha / rank, off, None if length is None else length)
+        params[name] = (down, up)
+    return adapter, params
+
+
+def materialise(module):
+    """Replace inference-mode tensors (how ComfyUI builds and loads models) by normal ones, in place.
+
+    Autograd cannot save inference tensors for backward; each tensor is swapped one at a time, so the
+    model never exists twice.
+    """
+    for m in module.modules():
+        for name, p in list(m._parameters.items()):
+            if p is not None and p.is_inference():
+                m._parameters[name] = torch.nn.Parameter(p.clone(), requires_grad=False)
+        for name, b in list(m._buffers.items()):
+            if b is not None and b.is_inference():
+                m._buffers[name] = b.clone()
+
+
+def _clone_tensors(x):
+    if torch.is_tensor(x):
+        return x.clone()
+    if isinstance(x, (list, tuple)):
+        return type(x)(_clone_tensors(v) for v in x)
+    return x
+
+
+def _clone_saved(t):
+    # Activations only: weights (leaves) are never modified in place, and copying them would copy the model.
+    return t.clone() if t.grad_fn is not None else t
+
+
+def _keep(t):
+    return t
+
+
+@contextlib.contextmanager
+def trainable_blocks(diffusion_model, checkpointing, clone_saved):
+    """Make every transformer block safe (and optionally cheap) to backpropagate through, while training.
+
+    checkpointing: recompute each block in backward, with the same run-time adapters active again, each run
+    on copies of the inputs: FLUX and SD3 blocks add in place into their inputs (`txt += ...`), which would
+    otherwise change what the recomputation starts from.
+    clone_saved (without checkpointing): save copies of activations for backward, so those in-place adds do
+    not invalidate them.
+    """
+    patched = []
+    for name, child in diffusion_model.named_children():
+        if not (isinstance(child, torch.nn.ModuleList) and name.endswith("blocks")):
+            continue
+        for block in child:
+            orig = block.forward
+            patched.append((block, block.__dict__.get("forward")))
+            if checkpointing:
+                def fwd(*args, _orig=orig, **kwargs):
+                    adapters = runtime.current()
+
+                    def again(*a, **k):  # the original forward and its recomputation both start from copies
+                        a, k = _clone_tensors(a), {n: _clone_tensors(v) for n, v in k.items()}
+                        with runtime.active(*adapters, replace=True):
+                            return _orig(*a, **k)
+                    return torch.utils.checkpoint.checkpoint(again, *args, use_reentrant=False, **kwargs)
+            elif clone_saved:
+                def fwd(*args, _orig=orig, **kwargs):
+                    with torch.autograd.graph.saved_tensors_hooks(_clone_saved, _keep):
+                        return _orig(*args, **kwargs)
+            else:
+                patched.pop()
+                continue
+            block.forward = fwd
+    try:
+        yield len(patched)
+    finally:
+        for block, own in patched:
+            if own is None:
+                del block.forward  # back to the class's forward
+            else:
+                block.forward = own
+
+
+class TrainLoop(comfy.samplers.Sampler):
+    """A 'sampler' that trains: CFGGuider.sample prepares conds and loads the model, then calls this."""
+
+    def __init__(self, run):
+        self.run = run
+
+    def sample(self, model_wrap, sigmas, extra_args, callback, noise, latent_image=None, denoise_mask=None,
+               disable_pbar=False):
+        self.run(model_wrap, latent_image, extra_args)
+        return latent_image
