@@ -1,0 +1,141 @@
+"""GlanceTrainLoRAPair against a bare PyTorch LoRA training step, on one real-width Qwen-Image block, CPU.
+
+Targets (issue 4): per-step time <= 1.10x the bare step (same model, targets, rank, sigma list); peak
+memory with gradient checkpointing reported against the model's own size; training both LoRAs in one run
+never holds two copies of the base model.
+
+    python benchmarks/bench_train.py             # about 3 minutes on 2 cores
+    python benchmarks/bench_train.py --quick
+"""
+import argparse
+import importlib.util
+import os
+import statistics
+import sys
+import tempfile
+import time
+
+import psutil
+import torch
+import torch.nn.functional as F
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.join(HERE, "..", "tests"))
+sys.path.insert(0, HERE)
+import comfy_runtime  # noqa: E402
+from bench_sampler import PeakRSS  # noqa: E402
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--size", type=int, default=256, help="image size in pixels (default 256)")
+    ap.add_argument("--steps", type=int, default=8, help="training steps per measurement (default 8)")
+    ap.add_argument("--rounds", type=int, default=2, help="rounds of the side-by-side comparison (default 2)")
+    ap.add_argument("--rank", type=int, default=32)
+    ap.add_argument("--quick", action="store_true", help="4 steps, 1 round")
+    args = ap.parse_args()
+    if args.quick:
+        args.steps, args.rounds = 4, 1
+
+    comfy_runtime.start(tempfile.mkdtemp(prefix="glance_bench_train_"))
+    comfy_runtime.load_pack()
+    import comfy.utils
+    from glance_pack.glance_core.schedule import build_schedule
+    from glance_pack.nodes.train_node import train_pair
+    from glance_pack.nodes.training import materialise, training_targets
+    spec = importlib.util.spec_from_file_location("stand_ins", os.path.join(HERE, "..", "tests", "stand_in_nodes",
+                                                                            "__init__.py"))
+    stand_ins = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(stand_ins)
+    comfy.utils.PROGRESS_BAR_ENABLED = False
+
+    print("building one Qwen-Image block at real width, fp32 ...", flush=True)
+    model = comfy_runtime.qwen_block_model()
+    model_bytes = sum(p.numel() * p.element_size() for p in model.model.diffusion_model.parameters())
+    vae = stand_ins.tiny_vae("qwen-image")
+    image = torch.rand(1, args.size, args.size, 3, generator=torch.Generator().manual_seed(0))
+    ctx = torch.randn(1, 32, 3584, generator=torch.Generator().manual_seed(1))
+    pos = [[ctx, {}]]
+    sigmas = build_schedule("qwen-image", args.size, args.size).phase_sigmas("slow")
+    alpha = 4.0 * args.rank
+
+    # ---- ours: the node's own function, timed per step through the progress hook ----
+    stamps = []
+    comfy.utils.set_progress_bar_global_hook(lambda v, t, p, node_id=None: stamps.append(time.perf_counter()))
+
+    def ours(checkpointing, phases="slow only", name="b"):
+        stamps.clear()
+        with PeakRSS() as mem, torch.inference_mode():
+            train_pair(model, vae, image, pos, None, name, args.steps, 1e-4, args.rank, alpha, 0.0, 0, "fp32",
+                       args.size, phases, checkpointing, True, False, -1)
+        steps = [b - a for a, b in zip(stamps, stamps[1:])]
+        return statistics.median(steps), mem.peak
+
+    # ---- bare PyTorch: the same LoRA math on the same layers, called directly ----
+    def bare():
+        dm = model.model.diffusion_model
+        with torch.inference_mode(False), torch.enable_grad():
+            materialise(model.model)
+            gen = torch.Generator().manual_seed(0)
+            params, originals = [], []
+            for _, _, key, off, length in training_targets(model, "qwen-image"):
+                lin = comfy.utils.get_attr(model.model, key[:-len(".weight")])
+                a = torch.nn.Parameter(torch.randn(args.rank, lin.weight.shape[1], generator=gen) / args.rank)
+                b = torch.nn.Parameter(torch.zeros(lin.weight.shape[0], args.rank))
+                params += [a, b]
+                originals.append((lin, lin.forward))
+                lin.forward = (lambda x, lin=lin, a=a, b=b:
+                               F.linear(x, lin.weight, lin.bias) + (alpha / args.rank) * F.linear(F.linear(x, a), b))
+            opt = torch.optim.AdamW(params, lr=1e-4)
+            with torch.inference_mode():
+                x0 = model.model.process_latent_in(vae.encode(image)).clone()
+            x0 = x0.clone()
+            context = ctx.clone()
+            sig = torch.tensor(sigmas)
+            times = []
+            try:
+                with PeakRSS() as mem:
+                    for i in range(args.steps):
+                        t = time.perf_counter()
+                        s = sig[torch.randint(len(sig), (1,), generator=gen)]
+                        noise = torch.randn(x0.shape, generator=gen)
+                        xt = (1 - s) * x0 + s * noise
+                        v = dm(xt, s, context=context)
+                        loss = F.mse_loss(v.float(), noise - x0)
+                        opt.zero_grad(set_to_none=True)
+                        loss.backward()
+                        torch.nn.utils.clip_grad_norm_(params, 1.0)
+                        opt.step()
+                        times.append(time.perf_counter() - t)
+            finally:
+                for lin, fwd in originals:
+                    lin.forward = fwd
+        return statistics.median(times[1:] if len(times) > 2 else times), mem.peak
+
+    rows = []
+    for r in range(args.rounds):
+        tb, mb = bare()
+        to, mo = ours(False)
+        rows.append((tb, to, mb, mo))
+        print(f"round {r + 1}: bare step {tb:.3f} s (peak {mb / 2**20:.0f} MB) | GlanceTrainLoRAPair step {to:.3f} s "
+              f"(peak {mo / 2**20:.0f} MB) | ratio {to / tb:.3f}", flush=True)
+    tg, mg = ours(True)
+    print(f"with gradient checkpointing: step {tg:.3f} s, peak {mg / 2**20:.0f} MB", flush=True)
+    base_rss = psutil.Process().memory_info().rss
+    tboth, mboth = ours(True, "both", "both")
+    comfy.utils.set_progress_bar_global_hook(None)
+
+    ratio = statistics.median(to / tb for tb, to, _, _ in rows)
+    print(f"\nResults ({args.size}x{args.size}, one Qwen-Image block, {model_bytes / 2**20:.0f} MB of fp32 weights, "
+          f"rank {args.rank}, 12 module types, {args.steps} steps, {torch.get_num_threads()} threads):")
+    print(f"  GlanceTrainLoRAPair step / bare PyTorch step (median)   {ratio:.3f}x   target <= 1.10x")
+    print(f"  peak RSS, no checkpointing                               {max(r[3] for r in rows) / 2**20:.0f} MB")
+    print(f"  peak RSS, gradient checkpointing                         {mg / 2**20:.0f} MB "
+          f"(model weights {model_bytes / 2**20:.0f} MB)")
+    print(f"  peak RSS training both LoRAs in one run                  {mboth / 2**20:.0f} MB "
+          f"(process before: {base_rss / 2**20:.0f} MB; two model copies would add {model_bytes / 2**20:.0f} MB)")
+    print(f"  step with checkpointing / without                        {tg / statistics.median(r[1] for r in rows):.2f}x")
+
+
+if __name__ == "__main__":
+    main()

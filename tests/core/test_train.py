@@ -1,0 +1,76 @@
+import math
+
+import pytest
+import torch
+
+from glance_core import runtime
+from glance_core.train import TrainConfig, TrainingError, flow_matching_loss, lora_pair_params, train_lora
+
+
+def test_loss_is_zero_for_the_true_velocity():
+    x0, noise = torch.randn(2, 4, 8, 8), torch.randn(2, 4, 8, 8)
+    sigma = torch.tensor([0.3, 0.9])
+    assert flow_matching_loss(lambda xt, s: noise - x0, x0, noise, sigma).item() == 0.0
+    # and it is the mean squared error against noise - x0 otherwise
+    got = flow_matching_loss(lambda xt, s: torch.zeros_like(xt), x0, noise, sigma).item()
+    assert math.isclose(got, ((noise - x0) ** 2).mean().item(), rel_tol=1e-6)
+
+
+def test_velocity_sees_x_at_sigma():
+    x0, noise = torch.zeros(1, 1, 2, 2), torch.ones(1, 1, 2, 2)
+    seen = []
+    flow_matching_loss(lambda xt, s: (seen.append((xt.clone(), s)), xt)[1], x0, noise, torch.tensor([0.25]))
+    assert torch.allclose(seen[0][0], torch.full((1, 1, 2, 2), 0.25))
+
+
+def test_lora_params_start_at_the_base_model():
+    down, up = lora_pair_params((4, 16), (8, 4), 4, generator=torch.Generator().manual_seed(0))
+    assert down.requires_grad and up.requires_grad and up.abs().sum() == 0
+    assert 0.1 < down.std().item() * 4 < 10
+
+
+def _toy(rank=2):
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(8, 8, bias=False)
+    lin.weight.requires_grad_(False)
+    ad = runtime.Adapter("slow", trainable=True)
+    down, up = lora_pair_params((rank, 8), (8, rank), rank, generator=torch.Generator().manual_seed(1))
+    ad.add(lin, down, up, 1.0)
+    return lin, ad
+
+
+def test_train_lora_lowers_the_loss_at_its_sigmas():
+    # x0 = 0 at sigma 0.5: the exact velocity is xt / 0.5, which a full-rank LoRA on the linear layer can learn.
+    lin, ad = _toy(rank=8)
+    x0 = torch.zeros(16, 8)
+
+    def velocity(xt, s, dropped):
+        with runtime.active(ad):
+            return lin(xt)
+    steps = []
+    losses = train_lora(velocity, ad.parameters(), x0, [0.5], TrainConfig(steps=300, lr=3e-2),
+                        on_step=lambda i, loss: steps.append(i))
+    assert steps == list(range(300)) and len(losses) == 300
+    assert sum(losses[-10:]) < 0.1 * sum(losses[:10])
+
+
+def test_bad_runs_are_refused():
+    lin, ad = _toy()
+    x0 = torch.randn(4, 8)
+    with pytest.raises(TrainingError, match="fast: no sigmas to train at"):
+        train_lora(lambda xt, s, d: lin(xt), ad.parameters(), x0, [], TrainConfig(steps=3), phase="fast")
+    with pytest.raises(TrainingError, match="slow: the loss became inf at step 1 of 3"):
+        train_lora(lambda xt, s, d: lin(xt) * float("inf"), ad.parameters(), x0, [0.5], TrainConfig(steps=3),
+                   phase="slow")
+
+
+def test_caption_dropout_share():
+    lin, ad = _toy()
+    drops = []
+
+    def velocity(xt, s, dropped):
+        drops.append(dropped)
+        with runtime.active(ad):
+            return lin(xt)
+    train_lora(velocity, ad.parameters(), torch.randn(2, 8), [0.5], TrainConfig(steps=400, caption_dropout=0.1))
+    assert 0.05 < sum(drops) / len(drops) < 0.15
