@@ -11,7 +11,7 @@ from ..glance_core.errors import GlanceError
 from ..glance_core.families import FAMILIES
 from ..glance_core.integrate import sample_glance_euler
 from ..glance_core.schedule import MODES
-from .pair import BOUNDARY_OPTION, pair_of
+from .pair import BOUNDARY_OPTION
 from .schedule_node import AUTO, schedule_for, step_inputs
 
 
@@ -67,9 +67,6 @@ class GlanceSampler(io.ComfyNode):
     @classmethod
     def execute(cls, model, positive, negative, latent_image, seed, cfg, sampler_name, mode, family, base_steps,
                 slow_steps, slow_stride, fast_steps) -> io.NodeOutput:
-        pair = pair_of(model)
-        if family == AUTO and pair is not None:
-            family = pair.family
         latent = comfy.sample.fix_empty_latent_channels(model, latent_image["samples"])
         steps = dict(base_steps=base_steps, slow_steps=slow_steps, slow_stride=slow_stride, fast_steps=fast_steps)
         sched = schedule_for(model, family, {"samples": latent}, 0, 0, None, steps, mode)

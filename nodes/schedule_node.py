@@ -8,6 +8,7 @@ from ..glance_core.errors import GlanceError
 from ..glance_core.families import FAMILIES, get_family
 from ..glance_core.schedule import DEFAULTS, build_schedule
 from .comfy_model import family_of, model_label, require_flow
+from .pair import pair_of
 
 AUTO = "auto"
 log = logging.getLogger("glance")
@@ -48,8 +49,9 @@ class GlanceSchedule(io.ComfyNode):
                 io.Int.Input("height", default=1024, min=16, max=16384, step=16,
                              tooltip="Image height in pixels, used when no latent is connected."),
                 io.Combo.Input("family", options=[AUTO, *FAMILIES], default=AUTO,
-                               tooltip="Schedule preset. auto: taken from the model. explicit: compress the "
-                                       "base_sigmas input instead of a preset's formula."),
+                               tooltip="Schedule preset. auto: from the Glance pair's metadata, else from the "
+                                       "model. explicit: compress the base_sigmas input instead of a preset's "
+                                       "formula."),
                 *step_inputs(),
                 io.Sigmas.Input("base_sigmas", optional=True,
                                 tooltip="family 'explicit' only: the base N-step schedule to compress."),
@@ -73,7 +75,8 @@ def schedule_for(model, family, latent, width, height, base_sigmas, steps, mode=
     """Build the glance_core schedule for a MODEL; errors name the node input at fault."""
     require_flow(model)
     if family == AUTO:
-        family = family_of(model)
+        pair = pair_of(model)  # a pair's own preset (its metadata) wins over the model's
+        family = pair.family if pair is not None and pair.family != "explicit" else family_of(model)
         if family is None:
             raise GlanceError(f"family: no Glance preset knows this {model_label(model)} model; choose a family, "
                               "or 'explicit' with base_sigmas")
