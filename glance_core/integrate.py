@@ -20,3 +20,14 @@ def sample_glance_euler(model, x, steps, extra_args=None, callback=None):
                       "phase": st.phase})
         x = x + (st.sigma_to - st.sigma_from) * v
     return x
+
+
+@torch.no_grad()
+def sample_glance_velocity(velocity, x, steps, callback=None):
+    """Euler with a model that returns velocity: x += (step.sigma_to - step.sigma_from) * velocity(x, step)."""
+    for i, st in enumerate(steps):
+        v = velocity(x, st)
+        if callback is not None:
+            callback({"x": x, "i": i, "sigma": st.sigma, "phase": st.phase, "velocity": v})
+        x = (x.float() + (st.sigma_to - st.sigma_from) * v.float()).to(x.dtype)
+    return x
