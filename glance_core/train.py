@@ -4,6 +4,7 @@ Sigmas are in [0, 1] (x_sigma = (1 - sigma) x0 + sigma noise); the model is any 
 callable, so the ComfyUI node and the diffusers side share this one loop.
 """
 import math
+import re
 from dataclasses import dataclass, field
 
 import torch
@@ -16,6 +17,15 @@ RECIPES = {
     "qwen-image": dict(rank=32, alpha=128.0, lr=3e-4, weight_decay=0.0, caption_dropout=0.1),
     "flux.1-dev": dict(rank=16, alpha=64.0, lr=5e-4, weight_decay=0.01, caption_dropout=0.0),
     "default": dict(rank=16, alpha=64.0, lr=5e-4, weight_decay=0.01, caption_dropout=0.0),
+}
+
+
+# The layers each recipe adapts, as diffusers spells module names (ComfyUI's key map knows the same names).
+TARGET_PATTERNS = {
+    "qwen-image": re.compile(r"transformer_blocks\.\d+\.(attn\.(to_q|to_k|to_v|add_q_proj|add_k_proj|add_v_proj|"
+                             r"to_out\.0|to_add_out)|img_mlp\.net\.2|txt_mlp\.net\.2|img_mod\.1|txt_mod\.1)$"),
+    "flux.1-dev": re.compile(r"(single_)?transformer_blocks\.\d+\.attn\.(to_q|to_k|to_v|to_out\.0)$"),
+    "sd3": re.compile(r"transformer_blocks\.\d+\.attn\.(to_q|to_k|to_v|to_out\.0)$"),
 }
 
 

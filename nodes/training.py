@@ -10,15 +10,8 @@ import torch
 import torch.utils.checkpoint
 
 from ..glance_core import runtime
-from ..glance_core.train import lora_pair_params
+from ..glance_core.train import TARGET_PATTERNS, lora_pair_params
 
-# Module names (diffusers spelling where ComfyUI's key map has one) of each family's training targets.
-TARGETS = {
-    "qwen-image": re.compile(r"transformer_blocks\.\d+\.(attn\.(to_q|to_k|to_v|add_q_proj|add_k_proj|add_v_proj|"
-                             r"to_out\.0|to_add_out)|img_mlp\.net\.2|txt_mlp\.net\.2|img_mod\.1|txt_mod\.1)$"),
-    "flux.1-dev": re.compile(r"(single_)?transformer_blocks\.\d+\.attn\.(to_q|to_k|to_v|to_out\.0)$"),
-    "sd3": re.compile(r"transformer_blocks\.\d+\.attn\.(to_q|to_k|to_v|to_out\.0)$"),
-}
 # Families whose blocks never add in place into tensors autograd saved (checked by the tests).
 IN_PLACE_SAFE = {"qwen-image"}
 # Other flow families: attention projections under their ComfyUI names.
@@ -28,7 +21,7 @@ GENERIC = re.compile(r"(attn|attention)[^.]*\.(qkv|to_q|to_k|to_v|q_proj|k_proj|
 def training_targets(model, family):
     """[(save name, namespace, weight key, offset, length)] of the layers a family's recipe adapts."""
     out = []
-    pattern = TARGETS.get(family)
+    pattern = TARGET_PATTERNS.get(family)
     if pattern is not None:
         key_map = comfy.lora.model_lora_keys_unet(model.model, {})
         for k, target in key_map.items():
