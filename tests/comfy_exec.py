@@ -24,7 +24,6 @@ def init_nodes(base_dir):
         if not os.path.exists(os.path.join(custom, name)):
             os.symlink(src, os.path.join(custom, name))
     folder_paths.folder_names_and_paths["custom_nodes"] = ([custom], set())
-    import utils.install_util  # noqa: F401  (ComfyUI's own utils package, before nodes)
     import nodes
     asyncio.run(nodes.init_extra_nodes(init_custom_nodes=True, init_api_nodes=False))
     _ready = True

@@ -46,6 +46,8 @@ def start(base_dir):
         sys.path.insert(0, path)
     from comfy.cli_args import args  # must precede comfy.model_management
     args.cpu = True
+    # ComfyUI's `utils` package must be imported before `nodes` puts comfy/ (with its utils.py) first on sys.path.
+    import utils.install_util  # noqa: F401
     import folder_paths
     for sub in ("output", "input", "temp", "loras", "diffusion_models", "vae"):
         os.makedirs(os.path.join(base_dir, sub), exist_ok=True)
