@@ -1,7 +1,8 @@
 """Glance on diffusers pipelines: both LoRAs as two peft adapters in the ONE transformer, switched per step.
 
-Supports QwenImagePipeline (true CFG with the per-token norm rescale) and FluxPipeline (guidance embedding).
-Sigmas are in [0, 1]; diffusers transformers of these families take timestep = sigma.
+Supports QwenImagePipeline (true CFG with the per-token norm rescale), FluxPipeline (guidance embedding) and
+StableDiffusion3Pipeline (classic CFG). Sigmas are in [0, 1]; the Qwen-Image and FLUX transformers take
+timestep = sigma, SD3's takes timestep = 1000 * sigma.
 """
 import torch
 
@@ -14,7 +15,8 @@ from .schedule import build_schedule
 ADAPTERS = {"slow": "glance_slow", "fast": "glance_fast"}
 AS_OFFICIAL = "as the official pipeline"
 POLICIES = ("as trained", "as stored", AS_OFFICIAL)
-PIPELINE_FAMILIES = {"QwenImagePipeline": "qwen-image", "FluxPipeline": "flux.1-dev"}
+PIPELINE_FAMILIES = {"QwenImagePipeline": "qwen-image", "FluxPipeline": "flux.1-dev",
+                     "StableDiffusion3Pipeline": "sd3"}
 
 
 def peft_state_dict(lora, policy="as trained"):
@@ -71,11 +73,12 @@ def _family(pipe):
 def generate(pipe, prompt=None, *, negative_prompt=" ", height=1024, width=1024, mode="consistent",
              true_cfg_scale=5.0, guidance_scale=3.5, generator=None, num_images_per_prompt=1, prompt_embeds=None,
              prompt_embeds_mask=None, negative_prompt_embeds=None, negative_prompt_embeds_mask=None,
-             pooled_prompt_embeds=None, output_type="pil", progress=True, use_pair=True, **steps):
+             pooled_prompt_embeds=None, negative_pooled_prompt_embeds=None, output_type="pil", progress=True,
+             use_pair=True, **steps):
     """Generate with the Glance schedule, switching the pair's adapters at the boundary.
 
     Qwen-Image: true CFG (`true_cfg_scale` > 1 with a negative prompt) and the norm rescale, as the official
-    pipeline. FLUX: `guidance_scale` feeds the guidance embedding. `steps`: base_steps, slow_steps,
+    pipeline. FLUX: `guidance_scale` feeds the guidance embedding. SD3: classic CFG at `guidance_scale`. `steps`: base_steps, slow_steps,
     slow_stride, fast_steps. Returns PIL images (output_type "pil"), arrays ("np") or packed latents ("latent").
     """
     family = _family(pipe)
@@ -87,10 +90,16 @@ def generate(pipe, prompt=None, *, negative_prompt=" ", height=1024, width=1024,
     if use_pair and not has_pair:
         raise GlanceError("no Glance pair loaded on this pipeline: call load_pair first (or use_pair=False)")
 
+    if isinstance(prompt, list) and isinstance(negative_prompt, str):
+        negative_prompt = [negative_prompt] * len(prompt)  # one negative per prompt of the batch
     if family == "qwen-image":
         call, latents = _qwen_setup(pipe, prompt, negative_prompt, height, width, true_cfg_scale, generator,
                                     num_images_per_prompt, prompt_embeds, prompt_embeds_mask, negative_prompt_embeds,
                                     negative_prompt_embeds_mask, device, dtype)
+    elif family == "sd3":
+        call, latents = _sd3_setup(pipe, prompt, negative_prompt, height, width, guidance_scale, generator,
+                                   num_images_per_prompt, prompt_embeds, negative_prompt_embeds, pooled_prompt_embeds,
+                                   negative_pooled_prompt_embeds, device)
     else:
         call, latents = _flux_setup(pipe, prompt, height, width, guidance_scale, generator, num_images_per_prompt,
                                     prompt_embeds, pooled_prompt_embeds, device, dtype)
@@ -162,13 +171,37 @@ def _flux_setup(pipe, prompt, height, width, guidance_scale, generator, n, pe, p
     return call, latents
 
 
+def _sd3_setup(pipe, prompt, negative_prompt, height, width, cfg, generator, n, pe, npe, pooled, npooled, device):
+    use_cfg = cfg > 1
+    pe, npe, pooled, npooled = pipe.encode_prompt(
+        prompt=prompt, prompt_2=None, prompt_3=None, device=device, num_images_per_prompt=n,
+        do_classifier_free_guidance=use_cfg, negative_prompt=negative_prompt, prompt_embeds=pe,
+        negative_prompt_embeds=npe, pooled_prompt_embeds=pooled, negative_pooled_prompt_embeds=npooled)
+    latents = pipe.prepare_latents(pe.shape[0], pipe.transformer.config.in_channels, height, width, pe.dtype, device,
+                                   generator)
+
+    def call(x, sigma):
+        t = 1000 * sigma  # SD3's transformer takes the 0..1000 timestep
+        if not use_cfg:
+            return pipe.transformer(hidden_states=x, timestep=t, encoder_hidden_states=pe, pooled_projections=pooled,
+                                    return_dict=False)[0]
+        both = pipe.transformer(hidden_states=torch.cat([x, x]), timestep=torch.cat([t, t]),
+                                encoder_hidden_states=torch.cat([npe, pe]), pooled_projections=torch.cat([npooled, pooled]),
+                                return_dict=False)[0]
+        neg, pos = both.chunk(2)
+        return neg + cfg * (pos - neg)
+    return call, latents
+
+
 def _decode(pipe, family, latents, height, width, output_type):
     if output_type == "latent":
         return latents
     vae = pipe.vae
     if vae is None:
         raise GlanceError("this pipeline has no VAE: ask for output_type='latent'")
-    latents = pipe._unpack_latents(latents, height, width, pipe.vae_scale_factor).to(vae.dtype)
+    if family != "sd3":  # SD3 latents are not packed
+        latents = pipe._unpack_latents(latents, height, width, pipe.vae_scale_factor)
+    latents = latents.to(vae.dtype)
     if family == "qwen-image":
         mean = torch.tensor(vae.config.latents_mean).view(1, vae.config.z_dim, 1, 1, 1).to(latents)
         std = torch.tensor(vae.config.latents_std).view(1, vae.config.z_dim, 1, 1, 1).to(latents)

@@ -1,6 +1,7 @@
 """One-image Glance training on a diffusers pipeline: the same loss and step as the ComfyUI node
 (`glance_core.train`), with the pair as two peft adapters on the pipeline's one transformer."""
 import hashlib
+import logging
 import os
 
 import numpy as np
@@ -61,7 +62,10 @@ def train_pair(pipe, *, image=None, image_latents=None, prompt=None, prompt_embe
     lr = learning_rate or recipe["lr"]
     dropout = recipe["caption_dropout"] if caption_dropout is None else caption_dropout
     if dropout > 0 and empty_prompt_embeds is None and prompt_embeds is not None:
-        dropout = 0.0  # no empty prompt given: no caption dropout
+        logging.getLogger("glance").warning("caption dropout %.2f is off: prompt_embeds were given without "
+                                            "empty_prompt_embeds, and there is no text to encode the empty prompt "
+                                            "from", dropout)
+        dropout = 0.0
     paths = {}
     if out_dir is not None:
         if not name or any(c in name for c in "/\\:"):
@@ -84,15 +88,17 @@ def train_pair(pipe, *, image=None, image_latents=None, prompt=None, prompt_embe
     x0 = _pack(pipe, family, image_latents.float()).to(transformer.device)
     device = transformer.device
 
-    def embeds(pe, pm, pooled):
+    def embeds(text, pe, pm, pooled):
         if family == "qwen-image":
-            pe, pm = pipe.encode_prompt(prompt=prompt, device=device, prompt_embeds=pe, prompt_embeds_mask=pm)
+            pe, pm = pipe.encode_prompt(prompt=text, device=device, prompt_embeds=pe, prompt_embeds_mask=pm)
             return pe, pm, None
-        pe, pooled, ids = pipe.encode_prompt(prompt=prompt, prompt_2=None, device=device, prompt_embeds=pe,
+        pe, pooled, ids = pipe.encode_prompt(prompt=text, prompt_2=None, device=device, prompt_embeds=pe,
                                              pooled_prompt_embeds=pooled)
         return pe, ids, pooled
-    cond = embeds(prompt_embeds, prompt_embeds_mask, pooled_prompt_embeds)
-    empty = embeds(empty_prompt_embeds, empty_prompt_embeds_mask, empty_pooled_prompt_embeds) if dropout > 0 else cond
+    with torch.no_grad():  # encoded once; the text encoders are not trained
+        cond = embeds(prompt, prompt_embeds, prompt_embeds_mask, pooled_prompt_embeds)
+        empty = cond if dropout == 0 else embeds("", empty_prompt_embeds, empty_prompt_embeds_mask,
+                                                 empty_pooled_prompt_embeds)
     img_ids = None
     if family != "qwen-image":
         img_ids = pipe._prepare_latent_image_ids(1, h // 16, w // 16, device, x0.dtype)
