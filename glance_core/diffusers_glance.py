@@ -78,8 +78,9 @@ def generate(pipe, prompt=None, *, negative_prompt=" ", height=1024, width=1024,
     """Generate with the Glance schedule, switching the pair's adapters at the boundary.
 
     Qwen-Image: true CFG (`true_cfg_scale` > 1 with a negative prompt) and the norm rescale, as the official
-    pipeline. FLUX: `guidance_scale` feeds the guidance embedding. SD3: classic CFG at `guidance_scale`. `steps`: base_steps, slow_steps,
-    slow_stride, fast_steps. Returns PIL images (output_type "pil"), arrays ("np") or packed latents ("latent").
+    pipeline. FLUX: `guidance_scale` feeds the guidance embedding. SD3: classic CFG at `guidance_scale`.
+    `steps`: base_steps, slow_steps, slow_stride, fast_steps. Returns PIL images (output_type "pil"), arrays
+    ("np") or latents ("latent"; packed for Qwen-Image and FLUX).
     """
     family = _family(pipe)
     transformer = pipe.transformer
@@ -186,8 +187,8 @@ def _sd3_setup(pipe, prompt, negative_prompt, height, width, cfg, generator, n, 
             return pipe.transformer(hidden_states=x, timestep=t, encoder_hidden_states=pe, pooled_projections=pooled,
                                     return_dict=False)[0]
         both = pipe.transformer(hidden_states=torch.cat([x, x]), timestep=torch.cat([t, t]),
-                                encoder_hidden_states=torch.cat([npe, pe]), pooled_projections=torch.cat([npooled, pooled]),
-                                return_dict=False)[0]
+                                encoder_hidden_states=torch.cat([npe, pe]),
+                                pooled_projections=torch.cat([npooled, pooled]), return_dict=False)[0]
         neg, pos = both.chunk(2)
         return neg + cfg * (pos - neg)
     return call, latents

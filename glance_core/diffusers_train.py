@@ -132,7 +132,8 @@ def train_pair(pipe, *, image=None, image_latents=None, prompt=None, prompt_embe
                           seed=seed + 1000 * (k + 1))
         with torch.enable_grad():
             losses[phase] = train_lora(velocity, params, x0, sched.phase_sigmas(phase), cfg,
-                                       on_step=(lambda i, loss, phase=phase: on_step(phase, i, loss)) if on_step else None,
+                                       on_step=(lambda i, loss, phase=phase: on_step(phase, i, loss))
+                                       if on_step else None,
                                        phase=f"{phase} LoRA")
         for p in params:
             p.requires_grad_(False)

