@@ -7,7 +7,7 @@ import sys
 import torch
 from comfy_api.latest import ComfyExtension, io
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.realpath(__file__))))  # tests/, through symlinks
 import comfy_runtime  # noqa: E402
 
 FAMILIES = ["qwen-image", "flux", "sd3"]
