@@ -175,6 +175,24 @@ def test_training_from_the_page_shows_step_progress_and_the_loss_curve(page, ui_
     shot(page, "6_training_done")
 
 
+def test_interrupt_stops_a_long_run_within_a_step(page, ui_server):
+    _queue_api(page, tiny_train_prompt("ui_interrupted", 3000))
+    page.wait_for_function("() => window.__glance.progress.filter(p => p[1] === 6000).length >= 5 || "
+                           "window.__glance.errors.length", timeout=180000)
+    assert not page.evaluate("() => window.__glance.errors"), page.evaluate("() => window.__glance.errors")
+    page.get_by_role("button", name="Cancel current run").first.click()
+    clicked = page.evaluate("() => Math.max(...window.__glance.progress.filter(p => p[1] === 6000).map(p => p[0]))")
+    page.wait_for_function("() => window.__glance.interrupted > 0", timeout=60000)
+    r = page.evaluate("() => window.__glance")
+    last = max(v for v, m, _ in r["progress"] if m == 6000)
+    # Stopped within a step of the click (the slack covers steps already under way while the click travels).
+    assert last <= clicked + 3 and last < 6000, (clicked, last)
+    assert not r["done"]
+    assert not [f for f in os.listdir(os.path.join(ui_server["root"], "models", "loras", "glance"))
+                if f.startswith("ui_interrupted")]
+    shot(page, "5_interrupted")
+
+
 def test_bad_input_shows_comfyuis_error_dialog_with_our_message(page):
     _queue_api(page, tiny_sample_prompt(slow="glance/my_flux_pair_slow.safetensors",
                                         fast="glance/my_flux_pair_fast.safetensors"))
