@@ -89,8 +89,8 @@ def ui_server(tmp_path_factory):
         log.close()
 
 
-@pytest.fixture(scope="session")
-def browser():
+@pytest.fixture(scope="module")  # Playwright's sync API keeps an event loop running until it is closed:
+def browser():                   # close it with the module so later tests can use asyncio.run()
     exe = shutil.which("chromium")
     _need(exe is not None, "Debian's chromium is not installed (apt-get install chromium)")
     try:
