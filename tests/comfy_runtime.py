@@ -161,3 +161,23 @@ def qwen_block_model(layers=1, init="randn", seed=0):
     model.diffusion_model.to(torch.float32)
     return comfy.model_patcher.ModelPatcher(model, load_device=mm.get_torch_device(),
                                             offload_device=mm.unet_offload_device())
+
+
+def stock_merged(patcher, lora_path, strength=1.0):
+    """(base weights, weights after ComfyUI's stock LoraLoader path merged the file, patched keys); restores."""
+    import torch
+    import comfy.model_management
+    import comfy.sd
+    import comfy.utils
+    comfy.model_management.unload_all_models()  # a model ComfyUI still holds loaded would not be re-patched
+    sd = comfy.utils.load_torch_file(str(lora_path), safe_load=True)
+    new, _ = comfy.sd.load_lora_for_models(patcher, None, sd, strength, 0)
+    base = {k: v.clone() for k, v in patcher.model.state_dict().items()}
+    new.patch_model(device_to=torch.device("cpu"))
+    try:
+        merged = {k: v.clone() for k, v in new.model.state_dict().items()}
+    finally:
+        new.unpatch_model(device_to=torch.device("cpu"))
+    after = patcher.model.state_dict()
+    assert all(torch.equal(after[k], base[k]) for k in base)  # unpatched cleanly
+    return base, merged, set(new.patches)

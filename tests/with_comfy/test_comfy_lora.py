@@ -6,21 +6,7 @@ import comfy_runtime
 import lora_files as lf
 
 
-def _merged(patcher, lora_path, strength=1.0):
-    """Weights of the model after ComfyUI's stock LoraLoader path patched them in (then restored)."""
-    import comfy.sd
-    import comfy.utils
-    sd = comfy.utils.load_torch_file(str(lora_path), safe_load=True)
-    new, _ = comfy.sd.load_lora_for_models(patcher, None, sd, strength, 0)
-    base = {k: v.clone() for k, v in patcher.model.state_dict().items()}
-    new.patch_model(device_to=torch.device("cpu"))
-    try:
-        merged = {k: v.clone() for k, v in new.model.state_dict().items()}
-    finally:
-        new.unpatch_model(device_to=torch.device("cpu"))
-    after = patcher.model.state_dict()
-    assert all(torch.equal(after[k], base[k]) for k in base)  # unpatched cleanly
-    return base, merged, set(new.patches)
+_merged = comfy_runtime.stock_merged
 
 
 @pytest.fixture(scope="module")

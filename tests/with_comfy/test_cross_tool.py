@@ -26,18 +26,7 @@ def _peft_deltas(transformer, adapter):
 
 def _comfy_fused_deltas(patcher, path):
     """{diffusers name: delta} as stock ComfyUI merges the file into the tiny FLUX's fused layers."""
-    import comfy.model_management
-    import comfy.sd
-    import comfy.utils
-    comfy.model_management.unload_all_models()  # a model ComfyUI still holds loaded would not be re-patched
-    sd = comfy.utils.load_torch_file(path)
-    merged, _ = comfy.sd.load_lora_for_models(patcher, None, sd, 1.0, 0)
-    base = {k: v.clone() for k, v in patcher.model.state_dict().items()}
-    merged.patch_model(device_to=torch.device("cpu"))
-    try:
-        after = {k: v.clone() for k, v in merged.model.state_dict().items()}
-    finally:
-        merged.unpatch_model(device_to=torch.device("cpu"))
+    base, after, _ = comfy_runtime.stock_merged(patcher, path)
     h = 64
     out = {}
     for blk, fused in (("transformer_blocks.0", "double_blocks.0.img_attn.qkv"),
