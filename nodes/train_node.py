@@ -98,7 +98,7 @@ class GlanceTrainLoRAPair(io.ComfyNode):
                 io.Float.Input("caption_dropout", default=-1.0, min=-1.0, max=1.0, step=0.01,
                                tooltip="Share of steps that use the empty prompt; -1 = the family's recipe "
                                        "(Qwen-Image 0.1, FLUX 0). Needs empty_prompt when above 0."),
-                io.Int.Input("seed", default=0, min=0, max=0xffffffffffffffff,
+                io.Int.Input("seed", default=0, min=0, max=0xffffffffffffffff, control_after_generate=True,
                              tooltip="Seed of the LoRA initialisation, noise and sigma draws."),
                 io.Combo.Input("training_dtype", options=list(DTYPES), default="bf16",
                                tooltip="Compute precision of the model during training (the LoRA weights stay "

@@ -10,6 +10,13 @@ import comfy_runtime
 ARTIFACTS = os.path.join(comfy_runtime.PACK_ROOT, "test-artifacts", "browser")
 
 TEMPLATES = ["glance_flux_t2i", "glance_qwen_image_t2i", "glance_train_pair"]
+EXPECTED_VALUES = {
+    "GlanceSampler": {"sampler_name": "euler", "mode": "consistent", "family": "auto", "base_steps": 50,
+                      "fast_steps": 5},
+    "GlanceTrainLoRAPair": {"output_name": "my_glance_pair", "steps": 60, "training_dtype": "bf16",
+                            "resolution": 1024, "phases": "both", "gradient_checkpointing": True, "image_index": -1},
+    "GlanceLoRAPairLoader": {"strength_slow": 1.0, "strength_fast": 1.0, "scale_policy": "as trained"},
+}
 
 
 def shot(page, name):
@@ -58,6 +65,13 @@ def test_each_template_opens_with_every_glance_node_and_its_widgets(page, ui_ser
         assert "missing" not in text.lower(), f"{name}: a missing-node message is shown"
         nodes = page.evaluate("""() => window.app.graph._nodes.filter(n => n.type.startsWith('Glance'))
             .map(n => [n.type, (n.widgets || []).map(w => w.name)])""")
+        values = page.evaluate("""() => Object.fromEntries(window.app.graph._nodes.filter(n => n.type.startsWith('Glance'))
+            .map(n => [n.type, Object.fromEntries((n.widgets || []).map(w => [w.name, w.value]))]))""")
+        # The stored values land on the right widgets (a missing seed-control slot would shift them).
+        for node_type, want in EXPECTED_VALUES.items():
+            if node_type in values:
+                got = {k: values[node_type].get(k) for k in want}
+                assert got == want, (name, node_type, got)
         assert nodes, name
         for node_type, widgets in nodes:
             info = _object_info(ui_server["url"], node_type)
