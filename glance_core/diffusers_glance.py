@@ -85,7 +85,6 @@ def generate(pipe, prompt=None, *, negative_prompt=" ", height=1024, width=1024,
     family = _family(pipe)
     transformer = pipe.transformer
     device = transformer.device
-    dtype = transformer.dtype
     sched = build_schedule(family, width, height, mode, **steps)
     has_pair = use_pair and set(ADAPTERS.values()) <= set(getattr(transformer, "peft_config", {}))
     if use_pair and not has_pair:
@@ -96,14 +95,14 @@ def generate(pipe, prompt=None, *, negative_prompt=" ", height=1024, width=1024,
     if family == "qwen-image":
         call, latents = _qwen_setup(pipe, prompt, negative_prompt, height, width, true_cfg_scale, generator,
                                     num_images_per_prompt, prompt_embeds, prompt_embeds_mask, negative_prompt_embeds,
-                                    negative_prompt_embeds_mask, device, dtype)
+                                    negative_prompt_embeds_mask, device)
     elif family == "sd3":
         call, latents = _sd3_setup(pipe, prompt, negative_prompt, height, width, guidance_scale, generator,
                                    num_images_per_prompt, prompt_embeds, negative_prompt_embeds, pooled_prompt_embeds,
                                    negative_pooled_prompt_embeds, device)
     else:
         call, latents = _flux_setup(pipe, prompt, height, width, guidance_scale, generator, num_images_per_prompt,
-                                    prompt_embeds, pooled_prompt_embeds, device, dtype)
+                                    prompt_embeds, pooled_prompt_embeds, device)
 
     state = {"phase": None}
     bar = pipe.progress_bar(total=len(sched.steps)) if progress else None
@@ -127,7 +126,7 @@ def generate(pipe, prompt=None, *, negative_prompt=" ", height=1024, width=1024,
     return _decode(pipe, family, latents, height, width, output_type)
 
 
-def _qwen_setup(pipe, prompt, negative_prompt, height, width, cfg, generator, n, pe, pm, npe, npm, device, dtype):
+def _qwen_setup(pipe, prompt, negative_prompt, height, width, cfg, generator, n, pe, pm, npe, npm, device):
     pe, pm = pipe.encode_prompt(prompt=prompt, device=device, num_images_per_prompt=n, prompt_embeds=pe,
                                 prompt_embeds_mask=pm)
     true_cfg = cfg > 1 and (negative_prompt is not None or npe is not None)
@@ -156,7 +155,7 @@ def _qwen_setup(pipe, prompt, negative_prompt, height, width, cfg, generator, n,
     return call, latents
 
 
-def _flux_setup(pipe, prompt, height, width, guidance_scale, generator, n, pe, pooled, device, dtype):
+def _flux_setup(pipe, prompt, height, width, guidance_scale, generator, n, pe, pooled, device):
     pe, pooled, text_ids = pipe.encode_prompt(prompt=prompt, prompt_2=None, device=device, num_images_per_prompt=n,
                                               prompt_embeds=pe, pooled_prompt_embeds=pooled)
     batch = pe.shape[0]

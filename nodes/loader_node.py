@@ -9,7 +9,7 @@ from ..glance_core import runtime
 from ..glance_core.errors import GlanceError
 from ..glance_core.lora import SCALE_POLICIES, read_lora
 from .comfy_model import family_of, model_label, require_flow
-from .pair import GlancePair, attach, pair_steps, with_pair
+from .pair import GlancePair, attach, key_map_of, pair_steps, with_pair
 
 log = logging.getLogger("glance")
 
@@ -53,8 +53,9 @@ def load_pair(model, slow_name, fast_name, strength_slow, strength_fast, scale_p
         raise GlanceError(f"model: no Glance preset knows this {model_label(model)} model and the pair does not "
                           "say its family; use GlanceSchedule with family 'explicit' and a pair with metadata")
     adapters = {"slow": runtime.Adapter("slow"), "fast": runtime.Adapter("fast")}
-    attach(model, slow, adapters["slow"], strength_slow, "slow_lora")
-    attach(model, fast, adapters["fast"], strength_fast, "fast_lora")
+    key_map = key_map_of(model)
+    attach(model, slow, adapters["slow"], strength_slow, "slow_lora", key_map)
+    attach(model, fast, adapters["fast"], strength_fast, "fast_lora", key_map)
     steps = pair_steps(slow, fast)
     lines = [f"slow: {slow.summary()}", f"fast: {fast.summary()}",
              f"schedule preset {family}, steps {steps['slow_steps']}x{steps['slow_stride']} slow + "

@@ -23,9 +23,20 @@ KEY_PREFIXES = {"comfyui": ("diffusion_model.",), "kohya": ("lora_unet_",),
                 "diffusers": ("transformer.", "", "base_model.model.", "diffusion_model.")}
 
 
-def attach(model, lora, adapter, strength, input_name):
-    """Map a LoraFile's modules onto the MODEL's layers with ComfyUI's key map and add them to `adapter`."""
-    key_map = comfy.lora.model_lora_keys_unet(model.model, {})
+def key_map_of(model):
+    """ComfyUI's map of LoRA key spellings onto this MODEL's weights (what the stock LoraLoader uses)."""
+    return comfy.lora.model_lora_keys_unet(model.model, {})
+
+
+def split_target(target):
+    """(weight key, slice dim, offset, length or None) of a key-map entry: a key, or a key with a fused slice."""
+    if isinstance(target, str):
+        return target, 0, 0, None
+    return target[0], *target[1][:3]
+
+
+def attach(model, lora, adapter, strength, input_name, key_map):
+    """Map a LoraFile's modules onto the MODEL's layers through `key_map` (key_map_of) and add them to `adapter`."""
     targets = {}
     for name in lora.modules:
         for prefix in KEY_PREFIXES[lora.namespace]:
@@ -43,9 +54,9 @@ def attach(model, lora, adapter, strength, input_name):
 
 
 def _add_branch(model, path, name, m, target, adapter, strength):
-    key, off, length = (target, 0, None) if isinstance(target, str) else (target[0], *target[1][1:3])
-    if not isinstance(target, str) and target[1][0] != 0:
-        raise LoraFileError(path, f"module {name!r} maps onto a slice of {key} along dim {target[1][0]}, "
+    key, dim, off, length = split_target(target)
+    if dim != 0:
+        raise LoraFileError(path, f"module {name!r} maps onto a slice of {key} along dim {dim}, "
                                   "which run-time branches do not support")
     module = comfy.utils.get_attr(model.model, key[: -len(".weight")])
     weight = getattr(module, "weight", None)
@@ -67,7 +78,6 @@ class GlancePair:
         self.family = family    # schedule preset of the pair (metadata, else the model's family)
         self.steps = steps      # step settings the pair was trained for
         self.report = report
-        self.calls = {"slow": 0, "fast": 0}
         self.trace = None       # set to a list to record (sigma, phase) of every call (tests, debugging)
         self.fixed_boundary = fixed_boundary  # for pairs on explicit schedules (no preset to compute one)
         self._boundaries = {}
@@ -94,7 +104,6 @@ class GlancePair:
                  **kwargs):
         sigma = float(t.reshape(-1)[0])
         phase = "slow" if sigma > self.boundary(x, transformer_options) else "fast"
-        self.calls[phase] += 1
         if self.trace is not None:
             self.trace.append((sigma, phase))
         with runtime.active(self.adapters[phase]):

@@ -239,8 +239,7 @@ def train_pair(model, vae, image, positive, empty_prompt, output_name, steps, le
                     losses[phase] = train_lora(velocity, adapter.parameters(), x0, sched.phase_sigmas(phase),
                                                cfg, on_step, phase=f"{phase} LoRA")
                     adapter.freeze()
-                    trained[phase] = (adapter, {n: (d.detach().cpu(), u.detach().cpu())
-                                                for n, (d, u) in params.items()})
+                    trained[phase] = (adapter, params)  # the writers detach and move to CPU
 
     mp = model.clone()
     guider = comfy.samplers.CFGGuider(mp)

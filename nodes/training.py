@@ -3,7 +3,6 @@ run through ComfyUI's own model call path (a custom Sampler under a CFGGuider)."
 import contextlib
 import re
 
-import comfy.lora
 import comfy.samplers
 import comfy.utils
 import torch
@@ -11,6 +10,7 @@ import torch.utils.checkpoint
 
 from ..glance_core import runtime
 from ..glance_core.train import TARGET_PATTERNS, lora_pair_params
+from .pair import key_map_of, split_target
 
 # Families whose blocks never add in place into tensors autograd saved (checked by the tests).
 IN_PLACE_SAFE = {"qwen-image"}
@@ -24,10 +24,9 @@ def training_targets(model, family):
     out = []
     pattern = TARGET_PATTERNS.get(family)
     if pattern is not None:
-        key_map = comfy.lora.model_lora_keys_unet(model.model, {})
-        for k, target in key_map.items():
+        for k, target in key_map_of(model).items():
             if k.startswith("transformer.") and pattern.search(k[len("transformer."):]):
-                key, off, length = (target, 0, None) if isinstance(target, str) else (target[0], *target[1][1:3])
+                key, _, off, length = split_target(target)
                 out.append((k[len("transformer."):], "diffusers", key, off, length))
     else:
         for k, w in model.model.state_dict().items():
