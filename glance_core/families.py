@@ -27,6 +27,7 @@ class Family:
     # "scheduler": the scheduler's default linspace(1, sigma_min, N) of its shifted training grid (SD3).
     grid: str = "pipeline"
     aliases: tuple = field(default=())
+    in_comfyui: bool = True      # offered by the ComfyUI nodes (the bundled pixel-space teacher is not)
 
     @property
     def pixel_multiple(self):
@@ -73,8 +74,16 @@ FAMILIES = {f.name: f for f in [
            aliases=("flux", "flux1", "flux-dev", "flux.1")),
     Family("sd3", "SD3 / SD3.5", shift_mode="static", shift=3.0, grid="scheduler",
            aliases=("sd3.5", "sd35", "sd3.5-large", "sd3.5-medium")),
+    # The bundled teacher (glance_core.shapes): pixel space, 4x4 patches, no shift.
+    Family("glance-shapes", "Glance shapes teacher", vae_factor=1, patch_size=4, shift_mode="static", shift=1.0,
+           aliases=("shapes",), in_comfyui=False),
     Family("explicit", "Explicit sigmas", shift_mode="explicit"),
 ]}
+
+
+def comfyui_families():
+    """Names of the families the ComfyUI nodes offer."""
+    return [n for n, f in FAMILIES.items() if f.in_comfyui]
 
 
 def get_family(name):

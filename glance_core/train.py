@@ -60,22 +60,32 @@ def lora_pair_params(down_shape, up_shape, rank, dtype=torch.float32, device="cp
             torch.nn.Parameter(up.to(device=device, dtype=dtype)))
 
 
-def train_lora(velocity, params, x0, sigmas, cfg, on_step=None, phase="lora"):
+def train_lora(velocity, params, x0, sigmas, cfg, on_step=None, phase="lora", targets=None):
     """Train `params` for cfg.steps AdamW steps, each at one sigma drawn uniformly from `sigmas`.
 
     `velocity(xt, sigma, dropped)` runs the model with the LoRA active (`dropped`: use the empty prompt);
     `on_step(i, loss)` is called after every step (it may raise to stop). Returns the per-step losses.
+    The objective is the paper's flow-matching loss on x0 with fresh noise, unless `targets` gives, per entry
+    of `sigmas`, a fixed (x_sigma, velocity) pair to regress instead (e.g. points of a teacher's trajectory).
     """
     if not sigmas:
         raise TrainingError(f"{phase}: no sigmas to train at")
+    if targets is not None and len(targets) != len(sigmas):
+        raise TrainingError(f"{phase}: {len(targets)} targets for {len(sigmas)} sigmas")
     gen = torch.Generator().manual_seed(cfg.seed)
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     sig = torch.tensor(sigmas, dtype=torch.float32)
     for i in range(cfg.steps):
-        sigma = sig[torch.randint(len(sig), (1,), generator=gen)].to(x0.device)
+        k = torch.randint(len(sig), (1,), generator=gen)
+        sigma = sig[k].to(x0.device)
         noise = torch.randn(x0.shape, generator=gen, dtype=torch.float32).to(x0)
         dropped = bool(torch.rand((), generator=gen) < cfg.caption_dropout)
-        loss = flow_matching_loss(lambda xt, s: velocity(xt, s, dropped), x0, noise, sigma)
+        model = lambda xt, s: velocity(xt, s, dropped)  # noqa: E731
+        if targets is None:
+            loss = flow_matching_loss(model, x0, noise, sigma)
+        else:
+            xt, v = targets[int(k)]
+            loss = F.mse_loss(model(xt, sigma).float(), v.float())
         value = loss.item()
         if not math.isfinite(value):
             raise TrainingError(f"{phase}: the loss became {value} at step {i + 1} of {cfg.steps} (sigma "

@@ -8,7 +8,7 @@ import torch
 from comfy_api.latest import io
 
 from ..glance_core.errors import GlanceError
-from ..glance_core.families import FAMILIES
+from ..glance_core.families import comfyui_families
 from ..glance_core.integrate import sample_glance_euler
 from ..glance_core.schedule import MODES
 from .pair import BOUNDARY_OPTION
@@ -57,7 +57,8 @@ class GlanceSampler(io.ComfyNode):
                                tooltip="consistent: each step moves between the listed sigmas. reference: what "
                                        "the official Qwen pipeline integrates (slow stage on the 50-step grid, "
                                        "fast stage restarting at sigma 1), for comparison."),
-                io.Combo.Input("family", options=[AUTO, *[f for f in FAMILIES if f != "explicit"]], default=AUTO,
+                io.Combo.Input("family", options=[AUTO, *[f for f in comfyui_families() if f != "explicit"]],
+                               default=AUTO,
                                tooltip="Schedule preset. auto: from the pair's metadata, else from the model."),
                 *step_inputs(),
             ],

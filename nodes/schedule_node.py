@@ -5,7 +5,7 @@ import torch
 from comfy_api.latest import io
 
 from ..glance_core.errors import GlanceError
-from ..glance_core.families import FAMILIES, get_family
+from ..glance_core.families import comfyui_families, get_family
 from ..glance_core.schedule import DEFAULTS, build_schedule
 from .comfy_model import family_of, model_label, require_flow
 from .pair import pair_of
@@ -48,7 +48,7 @@ class GlanceSchedule(io.ComfyNode):
                              tooltip="Image width in pixels, used when no latent is connected."),
                 io.Int.Input("height", default=1024, min=16, max=16384, step=16,
                              tooltip="Image height in pixels, used when no latent is connected."),
-                io.Combo.Input("family", options=[AUTO, *FAMILIES], default=AUTO,
+                io.Combo.Input("family", options=[AUTO, *comfyui_families()], default=AUTO,
                                tooltip="Schedule preset. auto: from the Glance pair's metadata, else from the "
                                        "model. explicit: compress the base_sigmas input instead of a preset's "
                                        "formula."),

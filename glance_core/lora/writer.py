@@ -8,6 +8,7 @@ import torch
 from safetensors.torch import save_file
 
 from ..errors import LoraFileError
+from ..files import publish_mode
 
 PREFIX = {"comfyui": "diffusion_model.", "diffusers": "transformer."}
 
@@ -71,6 +72,7 @@ def _write(path, tensors, metadata, overwrite):
     os.close(fd)
     try:
         save_file(tensors, tmp, metadata=dict(metadata or {}))
+        publish_mode(tmp)
         with open(tmp, "rb+") as fh:
             os.fsync(fh.fileno())
         if overwrite:

@@ -74,3 +74,26 @@ def test_caption_dropout_share():
             return lin(xt)
     train_lora(velocity, ad.parameters(), torch.randn(2, 8), [0.5], TrainConfig(steps=400, caption_dropout=0.1))
     assert 0.05 < sum(drops) / len(drops) < 0.15
+
+
+def test_fixed_targets_replace_the_flow_matching_pairs():
+    # With targets, each step regresses the given (x_sigma, velocity) of the drawn sigma: a linear LoRA learns
+    # to map two fixed inputs to their two fixed outputs, which fresh-noise flow matching could never give.
+    lin, ad = _toy(rank=8)
+    xs = [torch.randn(1, 8, generator=torch.Generator().manual_seed(k)) for k in (5, 6)]
+    vs = [torch.randn(1, 8, generator=torch.Generator().manual_seed(k)) for k in (7, 8)]
+    seen = []
+
+    def velocity(xt, s, dropped):
+        seen.append((xt, float(s)))
+        with runtime.active(ad):
+            return lin(xt)
+    losses = train_lora(velocity, ad.parameters(), torch.zeros(1, 8), [0.9, 0.3], TrainConfig(steps=400, lr=3e-2),
+                        targets=list(zip(xs, vs)))
+    assert losses[-1] < 1e-3 * losses[0]
+    for xt, s in seen:  # each sigma got its own input
+        assert xt is xs[0 if s == pytest.approx(0.9) else 1]
+    with runtime.active(ad):
+        assert torch.allclose(lin(xs[1]), vs[1], atol=0.05)
+    with pytest.raises(TrainingError, match="2 targets for 1 sigmas"):
+        train_lora(velocity, ad.parameters(), torch.zeros(1, 8), [0.5], TrainConfig(steps=1), targets=[1, 2])

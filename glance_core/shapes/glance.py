@@ -1,0 +1,61 @@
+"""Glance on the teacher: the slow/fast pair trained from ONE of its own samples with `glance_core.train`
+(the loss and step the ComfyUI training node uses), as run-time adapters (`glance_core.runtime`)."""
+import torch
+
+from .. import runtime
+from ..train import RECIPES, TARGET_PATTERNS, TrainConfig, TrainingError, lora_pair_params, train_lora
+from .sampling import glance_schedule, trajectory
+
+OBJECTIVES = ("flow-matching", "trajectory")
+
+
+def target_modules(teacher):
+    """[(name, Linear)] the SD3 recipe adapts: the attention q/k/v/out projections of every block."""
+    pattern = TARGET_PATTERNS["sd3"]
+    return [(n, m) for n, m in teacher.transformer.named_modules()
+            if isinstance(m, torch.nn.Linear) and pattern.search(n)]
+
+
+def train_pair(teacher, caption, seed, objective="flow-matching", steps=60, rank=None, alpha=None, lr=None,
+               on_step=None):
+    """Train the pair on the teacher's 50-step sample for (caption, seed).
+
+    objective "flow-matching" is the paper's: x_sigma = (1 - sigma) x0 + sigma noise with fresh noise, target
+    noise - x0, at each phase's 5 sigmas. "trajectory" regresses, at the same sigmas, the teacher's own 50-step
+    path: input its state at the sigma, target the velocity that reaches its state at the next Glance sigma.
+    Returns ({"slow": Adapter, "fast": Adapter}, {"slow": losses, "fast": losses}, sample [1, 3, 32, 32] in [0, 1]).
+    `on_step(phase, i, loss)` is called after each step.
+    """
+    if objective not in OBJECTIVES:
+        raise TrainingError(f"objective {objective!r}: choose one of {', '.join(OBJECTIVES)}")
+    recipe = RECIPES["default"]
+    rank = rank or recipe["rank"]
+    alpha = alpha or 4.0 * rank
+    sched = glance_schedule("consistent")
+    path = trajectory(teacher, caption, seed, sched.base_steps)
+    x0 = path[0.0]
+    cond = teacher.cond([caption])
+    adapters, losses = {}, {}
+    gen = torch.Generator().manual_seed(seed)
+    for k, phase in enumerate(("slow", "fast")):
+        adapter = runtime.Adapter(phase, trainable=True)
+        for _, module in target_modules(teacher):
+            down, up = lora_pair_params((rank, module.in_features), (module.out_features, rank), rank, generator=gen)
+            adapter.add(module, down, up, alpha / rank)
+        targets = None
+        if objective == "trajectory":
+            targets = [(path[st.sigma], (path[st.sigma_to] - path[st.sigma]) / (st.sigma_to - st.sigma_from))
+                       for st in sched.steps if st.phase == phase]
+
+        def velocity(xt, sigma, dropped, adapter=adapter):
+            with runtime.active(adapter, replace=True):
+                return teacher.velocity(xt, sigma, teacher.cond([caption], empty=True) if dropped else cond)
+        cfg = TrainConfig(steps=steps, lr=lr or recipe["lr"], weight_decay=recipe["weight_decay"],
+                          seed=seed + 1000 * (k + 1))
+        with torch.enable_grad():
+            losses[phase] = train_lora(velocity, adapter.parameters(), x0, sched.phase_sigmas(phase), cfg,
+                                       on_step=(lambda i, loss, phase=phase: on_step(phase, i, loss))
+                                       if on_step else None, phase=f"{phase} LoRA", targets=targets)
+        adapter.freeze()
+        adapters[phase] = adapter
+    return adapters, losses, ((x0 + 1) / 2).clamp(0, 1)

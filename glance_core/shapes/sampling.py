@@ -1,0 +1,62 @@
+"""Sampling the teacher with the phase-aware integrator the ComfyUI sampler node uses (glance_core.integrate),
+optionally with a Glance pair switched per model call by sigma."""
+import torch
+
+from .. import runtime
+from ..families import get_family
+from ..integrate import sample_glance_euler
+from ..schedule import Step, build_schedule
+from .data import SIZE
+from .teacher import FAMILY
+
+
+def plain_steps(n):
+    """The teacher's plain n-step Euler schedule (the family grid, then sigma 0) as integrator steps."""
+    grid = get_family(FAMILY).base_sigmas(n, SIZE, SIZE) + [0.0]
+    return tuple(Step("plain", s, s, t) for s, t in zip(grid, grid[1:]))
+
+
+def glance_schedule(mode="consistent", **steps):
+    """The Glance schedule of the teacher (50-step base grid compressed to 5 slow + 5 fast by default)."""
+    return build_schedule(FAMILY, SIZE, SIZE, mode=mode, **steps)
+
+
+def noise_for(seeds):
+    """Starting noise [B, 3, 32, 32], one generator per seed, so an image depends only on its own seed."""
+    return torch.stack([torch.randn(3, SIZE, SIZE, generator=torch.Generator().manual_seed(int(s)))
+                        for s in seeds])
+
+
+def denoiser(teacher, cond, adapters=None, boundary=None):
+    """model(x, sigma) -> denoised x0 for the integrator; with adapters {"slow": A, "fast": B} (either may be
+    None) the slow one runs above `boundary` (a sigma) and the fast one at or below it."""
+    def model(x, sigma):
+        adapter = None
+        if adapters:
+            adapter = adapters.get("slow" if float(sigma[0]) > boundary else "fast")
+        with runtime.active(adapter, replace=True):
+            v = teacher.velocity(x, sigma, cond)
+        return x - sigma.reshape(-1, 1, 1, 1) * v  # flow models: x0 = x - sigma * v
+    return model
+
+
+@torch.no_grad()
+def sample(teacher, captions, seeds, steps, adapters=None, boundary=None, callback=None):
+    """Pictures [B, 3, 32, 32] in [0, 1] for captions and seeds along integrator `steps`."""
+    x = noise_for(seeds)
+    model = denoiser(teacher, teacher.cond(captions), adapters, boundary)
+    x = sample_glance_euler(model, x, steps, callback=callback)
+    return ((x + 1) / 2).clamp(0, 1)
+
+
+@torch.no_grad()
+def trajectory(teacher, caption, seed, n=50):
+    """The teacher's plain n-step Euler path for one caption and seed: {sigma: x_sigma [1, 3, 32, 32]} (+ 0.0)."""
+    x = noise_for([seed])
+    model = denoiser(teacher, teacher.cond([caption]))
+    path = {}
+    for st in plain_steps(n):
+        path[st.sigma] = x
+        x = sample_glance_euler(model, x, (st,))
+    path[0.0] = x
+    return path
