@@ -22,6 +22,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(HERE, ".."))
 from glance_core.files import atomic_write, write_text  # noqa: E402
 from glance_core.shapes import data, teacher as teacher_mod  # noqa: E402
+from glance_core.shapes.teacher import DEFAULT_CFG  # noqa: E402
 from glance_core.shapes.compare import BASELINE, GLANCE_10, PLAIN_10, VARIANTS, measure  # noqa: E402
 from glance_core.shapes.demo import DEFAULT_CAPTION, held_out  # noqa: E402
 from glance_core.shapes.glance import OBJECTIVES, train_pair  # noqa: E402
@@ -51,6 +52,9 @@ def main(argv=None):
     ap.add_argument("--caption", default=DEFAULT_CAPTION, help=f"training caption (default '{DEFAULT_CAPTION}')")
     ap.add_argument("--seed", type=int, default=0, help="training sample's seed (default 0)")
     ap.add_argument("--steps", type=int, default=60, help="training steps per LoRA (default 60)")
+    ap.add_argument("--cfg", type=float, default=DEFAULT_CFG,
+                    help=f"classifier-free guidance for every variant (default {DEFAULT_CFG:g}, the teacher's; "
+                         "1: none); other values than the default add a _cfgN suffix to the output names")
     ap.add_argument("--repeats", type=int, default=3, help="timing: best of this many renders (default 3)")
     ap.add_argument("--grid-rows", type=int, default=8, help="held-out rows shown in the grids (default 8)")
     ap.add_argument("--out-dir", default=os.path.join(HERE, "..", "docs"), help="where results go (default docs/)")
@@ -58,37 +62,43 @@ def main(argv=None):
     cap = data.parse_caption(a.caption)
     if a.samples < 1 or a.repeats < 1 or a.steps < 1:
         ap.error("--samples, --repeats and --steps must be at least 1")
+    if not 1.0 <= a.cfg <= 20.0:
+        ap.error("--cfg must be in 1 .. 20")
+    suffix = "" if a.cfg == DEFAULT_CFG else f"_cfg{a.cfg:g}"
     model = teacher_mod.load()
     pairs, seconds, sample = {}, {}, None
     for objective in OBJECTIVES:
         t0 = time.perf_counter()
-        pairs[objective], _, s = train_pair(model, cap, a.seed, objective=objective, steps=a.steps)
+        pairs[objective], _, s = train_pair(model, cap, a.seed, objective=objective, steps=a.steps,
+                                               cfg=a.cfg)
         seconds[objective] = time.perf_counter() - t0
         sample = s if sample is None else sample
     captions, seeds = held_out(cap, a.seed, a.samples)
     assert cap not in captions
-    rows, pictures = measure(model, VARIANTS, captions, seeds, pairs, repeats=a.repeats)
+    rows, pictures = measure(model, VARIANTS, captions, seeds, pairs, repeats=a.repeats, cfg=a.cfg)
 
     os.makedirs(a.out_dir, exist_ok=True)
     n = min(a.grid_rows, a.samples)
     training = (f"training sample: {cap}", sample[0])
-    grids = {"shapes_grid.png": (BASELINE, PLAIN_10, GLANCE_10), "shapes_grid_all.png": VARIANTS}
+    grids = {f"shapes_grid{suffix}.png": (BASELINE, PLAIN_10, GLANCE_10), f"shapes_grid_all{suffix}.png": VARIANTS}
     for name, variants in grids.items():
         img = comparison_grid([(v.label, pictures[v.label][:n]) for v in variants], captions[:n],
-                              title=f"held-out captions (the pair saw only the training sample); seeds {seeds[0]}..",
+                              title=f"held-out captions (the pair saw only the training sample); seeds {seeds[0]}..; "
+                                    f"cfg {a.cfg:g}",
                               training=training)
         atomic_write(os.path.join(a.out_dir, name), lambda tmp, img=img: img.save(tmp, format="PNG"))
     cmd = "python benchmarks/bench_shapes.py " + " ".join(argv if argv is not None else sys.argv[1:])
     when = datetime.date.today().isoformat()
     md = (f"Measured {when} with `{cmd.strip()}` on {platform.machine()}, {torch.get_num_threads()} torch threads, "
-          f"torch {torch.__version__}; training sample '{cap}' seed {a.seed}; {a.samples} held-out "
+          f"torch {torch.__version__}; cfg {a.cfg:g}; training sample '{cap}' seed {a.seed}; {a.samples} held-out "
           f"(caption, seed) pairs; time = best of {a.repeats} renders of the whole batch, per image.\n\n"
           + table(rows, seconds) + "\n")
     result = {"date": when, "command": cmd.strip(), "caption": str(cap), "seed": a.seed, "samples": a.samples,
+              "cfg": a.cfg,
               "held_out": [[str(c), s] for c, s in zip(captions, seeds)], "rows": rows,
               "train_seconds": seconds}
-    write_text(os.path.join(a.out_dir, "shapes_benchmark.md"), md)
-    write_text(os.path.join(a.out_dir, "shapes_benchmark.json"), json.dumps(result, indent=2) + "\n")
+    write_text(os.path.join(a.out_dir, f"shapes_benchmark{suffix}.md"), md)
+    write_text(os.path.join(a.out_dir, f"shapes_benchmark{suffix}.json"), json.dumps(result, indent=2) + "\n")
     print(md)
     return result
 

@@ -85,6 +85,8 @@ def _parser():
     d.add_argument("--samples", type=int, default=8, help="held-out captions to render and score (1..64, default 8)")
     d.add_argument("--objective", choices=("flow-matching", "trajectory"), default="flow-matching",
                    help="flow-matching: the paper's loss (default); trajectory: regress the teacher's 50-step path")
+    d.add_argument("--cfg", type=float, default=3.0,
+                   help="classifier-free guidance for all three ways (default 3, the teacher's; 1: none)")
     d.add_argument("--out", default="glance_demo.png", help="the comparison grid PNG (default glance_demo.png)")
     d.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: torch's choice)")
     return p
@@ -228,7 +230,7 @@ def main(argv=None):
                 import torch
                 torch.set_num_threads(args.threads)
             from .shapes.demo import run
-            run(args.caption, args.seed, args.steps, args.samples, args.out, args.objective)
+            run(args.caption, args.seed, args.steps, args.samples, args.out, args.objective, args.cfg)
         else:
             from .lora import read_lora
             lora = read_lora(args.file, args.scale_policy)

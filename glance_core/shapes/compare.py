@@ -42,8 +42,9 @@ def steps_of(schedule):
     return sched.steps, sched.boundary
 
 
-def render(teacher, variant, captions, seeds, pairs=None):
-    """(pictures [B, 3, 32, 32] in [0, 1], seconds per picture, model calls per picture) for one variant.
+def render(teacher, variant, captions, seeds, pairs=None, cfg=1.0):
+    """(pictures [B, 3, 32, 32] in [0, 1], seconds per picture, model calls per picture) for one variant
+    (with guidance, a call is counted per CFG pass, as the paper counts 10 x 2).
 
     `pairs`: {objective: {"slow": Adapter, "fast": Adapter}} as trained by `glance.train_pair`.
     """
@@ -53,8 +54,8 @@ def render(teacher, variant, captions, seeds, pairs=None):
         trained = pairs[variant.pair]
         adapters = {p: trained[p] for p in variant.phases}
     t0 = time.perf_counter()
-    images = sample(teacher, captions, seeds, steps, adapters, boundary)
-    return images, (time.perf_counter() - t0) / len(captions), len(steps)
+    images = sample(teacher, captions, seeds, steps, adapters, boundary, cfg)
+    return images, (time.perf_counter() - t0) / len(captions), len(steps) * (1 if cfg == 1.0 else 2)
 
 
 def fidelity(images, reference):
@@ -64,14 +65,14 @@ def fidelity(images, reference):
     return float(psnr.mean()), float(mse.mean())
 
 
-def measure(teacher, variants, captions, seeds, pairs=None, repeats=1):
+def measure(teacher, variants, captions, seeds, pairs=None, repeats=1, cfg=1.0):
     """One row per variant: label, calls, seconds per image (best of `repeats`), ratio to the first variant's
     time, PSNR/MSE to the first variant's pictures, caption accuracy; plus the pictures by label."""
     rows, pictures = [], {}
     for v in variants:
         best = math.inf
         for _ in range(repeats):
-            images, seconds, calls = render(teacher, v, captions, seeds, pairs)
+            images, seconds, calls = render(teacher, v, captions, seeds, pairs, cfg)
             best = min(best, seconds)
         pictures[v.label] = images
         rows.append(dict(label=v.label, calls=calls, seconds=best, accuracy=judge.score(images, captions)))

@@ -15,7 +15,7 @@ from .grid import comparison_grid
 DEFAULT_CAPTION = "red circle top-left on white"
 
 
-def check_args(caption, seed, steps, samples, out):
+def check_args(caption, seed, steps, samples, out, cfg=teacher_mod.DEFAULT_CFG):
     """Validate the demo's settings; returns the parsed Caption. Raises GlanceError naming the bad flag."""
     cap = data.parse_caption(caption)
     if not 0 <= seed < 2 ** 63:
@@ -24,6 +24,8 @@ def check_args(caption, seed, steps, samples, out):
         raise GlanceError(f"--steps {steps}: training steps per LoRA must be in 1 .. 10000 (the recipe uses 60)")
     if not 1 <= samples <= 64:
         raise GlanceError(f"--samples {samples}: held-out pictures must be in 1 .. 64")
+    if not 1.0 <= cfg <= 20.0:
+        raise GlanceError(f"--cfg {cfg}: guidance must be in 1 .. 20 (1: none)")
     if not out.lower().endswith(".png"):
         raise GlanceError(f"--out {out}: the grid is written as PNG; give a .png path")
     folder = os.path.dirname(os.path.abspath(out))
@@ -40,10 +42,10 @@ def held_out(caption, seed, n):
 
 
 def run(caption=DEFAULT_CAPTION, seed=0, steps=60, samples=8, out="glance_demo.png", objective="flow-matching",
-        progress=True, log=print):
+        cfg=teacher_mod.DEFAULT_CFG, progress=True, log=print):
     """Run the demo; returns the measured rows (dicts) after writing the grid PNG to `out`."""
     from tqdm.auto import tqdm
-    cap = check_args(caption, seed, steps, samples, out)
+    cap = check_args(caption, seed, steps, samples, out, cfg)
     t_start = time.perf_counter()
     model = teacher_mod.load()
     log(f"teacher: {teacher_mod.WEIGHTS} (sha256 checked)")
@@ -53,16 +55,17 @@ def run(caption=DEFAULT_CAPTION, seed=0, steps=60, samples=8, out="glance_demo.p
     def on_step(phase, i, loss):
         bars[phase].update(1)
         bars[phase].set_postfix(loss=f"{loss:.4f}")
-    pair, losses, sample = train_pair(model, cap, seed, objective=objective, steps=steps, on_step=on_step)
+    pair, losses, sample = train_pair(model, cap, seed, objective=objective, steps=steps, cfg=cfg,
+                                       on_step=on_step)
     for b in bars.values():
         b.close()
     captions, seeds = held_out(cap, seed, samples)
     log(f"rendering {samples} held-out captions x 3 ways")
     variants = (BASELINE, PLAIN_10, GLANCE_10)
-    rows, pictures = measure(model, variants, captions, seeds, {"flow-matching": pair, objective: pair})
+    rows, pictures = measure(model, variants, captions, seeds, {"flow-matching": pair, objective: pair}, cfg=cfg)
     grid = comparison_grid([(v.label, pictures[v.label]) for v in variants], captions,
                            title=f"Glance on the bundled teacher: pair trained on ONE sample ({objective}, "
-                                 f"{steps} steps per LoRA); rows are captions it never saw",
+                                 f"{steps} steps per LoRA, cfg {cfg:g}); rows are captions it never saw",
                            training=(f"training sample: {cap}", sample[0]))
     atomic_write(out, lambda tmp: grid.save(tmp, format="PNG"))
     log("")

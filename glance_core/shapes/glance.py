@@ -17,12 +17,15 @@ def target_modules(teacher):
 
 
 def train_pair(teacher, caption, seed, objective="flow-matching", steps=60, rank=None, alpha=None, lr=None,
-               on_step=None):
+               cfg=1.0, on_step=None):
     """Train the pair on the teacher's 50-step sample for (caption, seed).
 
     objective "flow-matching" is the paper's: x_sigma = (1 - sigma) x0 + sigma noise with fresh noise, target
     noise - x0, at each phase's 5 sigmas. "trajectory" regresses, at the same sigmas, the teacher's own 50-step
     path: input its state at the sigma, target the velocity that reaches its state at the next Glance sigma.
+    `cfg`: the guidance the pair will sample with. The training sample is the teacher's 50-step picture at that
+    guidance; the trajectory objective regresses the guided velocity (both passes through the LoRA), while
+    flow matching trains the plain conditional prediction, as the paper does.
     Returns ({"slow": Adapter, "fast": Adapter}, {"slow": losses, "fast": losses}, sample [1, 3, 32, 32] in [0, 1]).
     `on_step(phase, i, loss)` is called after each step.
     """
@@ -32,7 +35,7 @@ def train_pair(teacher, caption, seed, objective="flow-matching", steps=60, rank
     rank = rank or recipe["rank"]
     alpha = alpha or 4.0 * rank
     sched = glance_schedule("consistent")
-    path = trajectory(teacher, caption, seed, sched.base_steps)
+    path = trajectory(teacher, caption, seed, sched.base_steps, cfg)
     x0 = path[0.0]
     cond = teacher.cond([caption])
     adapters, losses = {}, {}
@@ -49,11 +52,13 @@ def train_pair(teacher, caption, seed, objective="flow-matching", steps=60, rank
 
         def velocity(xt, sigma, dropped, adapter=adapter):
             with runtime.active(adapter, replace=True):
-                return teacher.velocity(xt, sigma, teacher.cond([caption], empty=True) if dropped else cond)
-        cfg = TrainConfig(steps=steps, lr=lr or recipe["lr"], weight_decay=recipe["weight_decay"],
+                if targets is not None:
+                    return teacher.guided_velocity(xt, sigma, cond, cfg)
+                return teacher.velocity(xt, sigma, teacher.empty_like(cond) if dropped else cond)
+        settings = TrainConfig(steps=steps, lr=lr or recipe["lr"], weight_decay=recipe["weight_decay"],
                           seed=seed + 1000 * (k + 1))
         with torch.enable_grad():
-            losses[phase] = train_lora(velocity, adapter.parameters(), x0, sched.phase_sigmas(phase), cfg,
+            losses[phase] = train_lora(velocity, adapter.parameters(), x0, sched.phase_sigmas(phase), settings,
                                        on_step=(lambda i, loss, phase=phase: on_step(phase, i, loss))
                                        if on_step else None, phase=f"{phase} LoRA", targets=targets)
         adapter.freeze()

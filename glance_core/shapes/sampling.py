@@ -27,33 +27,33 @@ def noise_for(seeds):
                         for s in seeds])
 
 
-def denoiser(teacher, cond, adapters=None, boundary=None):
+def denoiser(teacher, cond, adapters=None, boundary=None, cfg=1.0):
     """model(x, sigma) -> denoised x0 for the integrator; with adapters {"slow": A, "fast": B} (either may be
-    None) the slow one runs above `boundary` (a sigma) and the fast one at or below it."""
+    None) the slow one runs above `boundary` (a sigma) and the fast one at or below it, in both CFG passes."""
     def model(x, sigma):
         adapter = None
         if adapters:
             adapter = adapters.get("slow" if float(sigma[0]) > boundary else "fast")
         with runtime.active(adapter, replace=True):
-            v = teacher.velocity(x, sigma, cond)
+            v = teacher.guided_velocity(x, sigma, cond, cfg)
         return x - sigma.reshape(-1, 1, 1, 1) * v  # flow models: x0 = x - sigma * v
     return model
 
 
 @torch.no_grad()
-def sample(teacher, captions, seeds, steps, adapters=None, boundary=None, callback=None):
-    """Pictures [B, 3, 32, 32] in [0, 1] for captions and seeds along integrator `steps`."""
+def sample(teacher, captions, seeds, steps, adapters=None, boundary=None, cfg=1.0, callback=None):
+    """Pictures [B, 3, 32, 32] in [0, 1] for captions and seeds along integrator `steps` (cfg 1: no guidance)."""
     x = noise_for(seeds)
-    model = denoiser(teacher, teacher.cond(captions), adapters, boundary)
+    model = denoiser(teacher, teacher.cond(captions), adapters, boundary, cfg)
     x = sample_glance_euler(model, x, steps, callback=callback)
     return ((x + 1) / 2).clamp(0, 1)
 
 
 @torch.no_grad()
-def trajectory(teacher, caption, seed, n=50):
+def trajectory(teacher, caption, seed, n=50, cfg=1.0):
     """The teacher's plain n-step Euler path for one caption and seed: {sigma: x_sigma [1, 3, 32, 32]} (+ 0.0)."""
     x = noise_for([seed])
-    model = denoiser(teacher, teacher.cond([caption]))
+    model = denoiser(teacher, teacher.cond([caption]), cfg=cfg)
     path = {}
     for st in plain_steps(n):
         path[st.sigma] = x

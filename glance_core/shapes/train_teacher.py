@@ -17,12 +17,16 @@ import torch.nn.functional as F
 from ..files import atomic_write, write_text
 from . import data, judge
 from .sampling import plain_steps, sample
-from .teacher import WEIGHTS, Teacher, TeacherConfig, config_dict, sha256
+from .teacher import DEFAULT_CFG, WEIGHTS, Teacher, TeacherConfig, config_dict, sha256
 
 DEFAULTS = dict(steps=6000, batch=32, lr=2e-3, warmup=300, ema=0.999, dropout=0.1, seed=0, threads=2)
 
 
-def train(steps, batch, lr, warmup, ema, dropout, seed, threads, log=print):
+def _log(line):
+    print(line, flush=True)
+
+
+def train(steps, batch, lr, warmup, ema, dropout, seed, threads, log=_log):
     """Train and return (EMA teacher, list of losses)."""
     torch.set_num_threads(threads)
     torch.manual_seed(seed)
@@ -57,8 +61,16 @@ def train(steps, batch, lr, warmup, ema, dropout, seed, threads, log=print):
         losses.append(loss.item())
         if (i + 1) % 100 == 0 or i + 1 == steps:
             log(f"step {i + 1}/{steps}  loss {sum(losses[-100:]) / len(losses[-100:]):.4f}  "
-                f"{time.time() - t0:.0f} s", flush=True)
+                f"{time.time() - t0:.0f} s")
     return avg.eval(), losses
+
+
+def check(model, n=64):
+    """Judge's accuracy of 50-step samples of n random captions, unguided and at the default guidance."""
+    gen = torch.Generator().manual_seed(12345)
+    caps = data.random_captions(n, gen)
+    return {f"cfg {cfg:g}": judge.score(sample(model, caps, range(n), plain_steps(50), cfg=cfg), caps)
+            for cfg in (1.0, DEFAULT_CFG)}
 
 
 def main(argv=None):
@@ -72,10 +84,7 @@ def main(argv=None):
     t0 = time.time()
     model, losses = train(**settings)
     minutes = (time.time() - t0) / 60
-    # A quick check that 50-step samples fit their captions (the benchmark measures it properly).
-    gen = torch.Generator().manual_seed(12345)
-    caps = data.random_captions(64, gen)
-    acc = judge.score(sample(model, caps, range(64), plain_steps(50)), caps)
+    acc = check(model)
     from safetensors.torch import save_file
     record_path = a.record or os.path.join(os.path.dirname(os.path.abspath(a.out)), "teacher.json")
     os.makedirs(os.path.dirname(os.path.abspath(a.out)), exist_ok=True)

@@ -82,7 +82,7 @@ def test_a_changed_weights_file_is_refused(tmp_path):
 def test_teacher_samples_fit_their_captions(teacher):
     gen = torch.Generator().manual_seed(11)
     caps = data.random_captions(24, gen)
-    acc = judge.score(sample(teacher, caps, range(100, 124), plain_steps(50)), caps)
+    acc = judge.score(sample(teacher, caps, range(100, 124), plain_steps(50), cfg=teacher_mod.DEFAULT_CFG), caps)
     assert acc["all"] >= 0.8, acc
 
 
@@ -159,7 +159,7 @@ def test_demo_runs_end_to_end_at_tiny_settings(tmp_path):
     (["--samples", "0"], "--samples 0"), (["--steps", "0"], "--steps 0"),
     (["--caption", "red blob top-left on white"], "unknown word 'blob'"),
     (["--out", "demo.jpg"], "give a .png path"), (["--out", "/no/such/dir/d.png"], "does not exist"),
-    (["--seed", "-1"], "--seed -1"), (["--threads", "-2"], "--threads -2")])
+    (["--seed", "-1"], "--seed -1"), (["--threads", "-2"], "--threads -2"), (["--cfg", "0.5"], "--cfg 0.5")])
 def test_demo_names_bad_values(tmp_path, args, message):
     r = _demo(*args) if "--out" in args else _demo(*args, "--out", str(tmp_path / "d.png"))
     assert r.returncode == 2 and message in r.stderr, r.stderr
@@ -175,14 +175,15 @@ def test_benchmark_on_two_samples(tmp_path):
     res = bench_shapes.main(["--samples", "2", "--repeats", "1", "--steps", "2", "--out-dir", str(tmp_path)])
     rows = res["rows"]
     assert [r["label"] for r in rows] == [v.label for v in VARIANTS]
-    assert [r["calls"] for r in rows] == [50] + [10] * (len(VARIANTS) - 1)
+    assert res["cfg"] == teacher_mod.DEFAULT_CFG != 1  # guided: two passes per step, counted as the paper does
+    assert [r["calls"] for r in rows] == [100] + [20] * (len(VARIANTS) - 1)
     assert rows[0]["mse"] == 0 and all(r["mse"] > 0 for r in rows[1:])
     assert rows[0]["speedup"] == 1.0 and all(r["speedup"] > 1.5 for r in rows[1:])
     assert all(0 <= r["accuracy"]["all"] <= 1 for r in rows)
     assert res["caption"] not in [c for c, _ in res["held_out"]]
     for name in ("shapes_grid.png", "shapes_grid_all.png", "shapes_benchmark.md", "shapes_benchmark.json"):
         assert (tmp_path / name).stat().st_size > 0
-    assert "| teacher, 50 steps | 50 |" in (tmp_path / "shapes_benchmark.md").read_text()
+    assert "| teacher, 50 steps | 100 |" in (tmp_path / "shapes_benchmark.md").read_text()
 
 
 def test_comfyui_nodes_do_not_offer_the_teachers_family():
