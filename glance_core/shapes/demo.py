@@ -50,15 +50,21 @@ def run(caption=DEFAULT_CAPTION, seed=0, steps=60, samples=8, out="glance_demo.p
     model = teacher_mod.load()
     log(f"teacher: {teacher_mod.WEIGHTS} (sha256 checked)")
     log(f"training the pair on one sample: '{cap}', seed {seed}, {steps} steps per LoRA ({objective})")
-    bars = {p: tqdm(total=steps, desc=f"{p} LoRA", disable=not progress, leave=True) for p in ("slow", "fast")}
+    bar = {}
 
     def on_step(phase, i, loss):
-        bars[phase].update(1)
-        bars[phase].set_postfix(loss=f"{loss:.4f}")
-    pair, losses, sample = train_pair(model, cap, seed, objective=objective, steps=steps, cfg=cfg,
-                                       on_step=on_step)
-    for b in bars.values():
-        b.close()
+        if bar.get("phase") != phase:  # one bar per LoRA, opened when its training starts
+            if bar:
+                bar["bar"].close()
+            bar.update(phase=phase, bar=tqdm(total=steps, desc=f"{phase} LoRA", disable=not progress))
+        bar["bar"].update(1)
+        bar["bar"].set_postfix(loss=f"{loss:.4f}")
+    try:
+        pair, losses, sample = train_pair(model, cap, seed, objective=objective, steps=steps, cfg=cfg,
+                                          on_step=on_step)
+    finally:
+        if bar:
+            bar["bar"].close()
     captions, seeds = held_out(cap, seed, samples)
     log(f"rendering {samples} held-out captions x 3 ways")
     variants = (BASELINE, PLAIN_10, GLANCE_10)
@@ -71,8 +77,10 @@ def run(caption=DEFAULT_CAPTION, seed=0, steps=60, samples=8, out="glance_demo.p
     log("")
     log(f"{'':46s} {'calls':>5s} {'s/image':>8s} {'speed-up':>8s} {'PSNR dB':>8s} {'caption acc':>11s}")
     for r in rows:
-        log(f"{r['label']:46s} {r['calls']:5d} {r['seconds']:8.4f} {r['speedup']:7.2f}x "
-            f"{r['psnr'] if r['calls'] != 50 else float('inf'):8.2f} {r['accuracy']['all']:11.0%}")
-    log(f"(PSNR against the 50-step picture of the same caption and noise; {samples} held-out captions)")
+        psnr = "ref" if r is rows[0] else f"{r['psnr']:.2f}"
+        log(f"{r['label']:46s} {r['calls']:5d} {r['seconds']:8.4f} {r['speedup']:7.2f}x {psnr:>8s} "
+            f"{r['accuracy']['all']:11.0%}")
+    log(f"(PSNR against the 50-step picture of the same caption and noise; {samples} held-out captions; "
+        f"cfg {cfg:g}, a call per guidance pass)")
     log(f"grid: {os.path.abspath(out)}   total {time.perf_counter() - t_start:.0f} s")
     return rows
