@@ -110,11 +110,11 @@ example:
 """
 
 
-DEMO_HELP = """Proof at small scale, on a CPU in about a minute, with nothing downloaded: load the bundled
+DEMO_HELP = """Proof at small scale, on a CPU in seconds, with nothing downloaded: load the bundled
 teacher (a 32x32 pixel-space SD3 MMDiT trained on shape pictures), train a Glance Slow/Fast pair on ONE of its
 samples, then render captions the pair never saw three ways (teacher 50 steps, plain 10 steps, Glance pair
-10 steps), write them side by side to a PNG and print speed-up, PSNR to the 50-step picture and caption
-accuracy (read back from the pixels by the judge in glance_core.shapes.judge).
+10 steps, all guided with --cfg), write them side by side to a PNG and print speed-up, PSNR to the 50-step
+picture and caption accuracy (read back from the pixels by the judge in glance_core.shapes.judge).
 
 captions: colour (red green blue yellow magenta cyan), shape (circle square triangle cross),
 position (top-left top-right centre bottom-left bottom-right), background (black gray white).
