@@ -83,8 +83,8 @@ def main(argv=None):
     grids = {f"shapes_grid{suffix}.png": (BASELINE, PLAIN_10, GLANCE_10), f"shapes_grid_all{suffix}.png": VARIANTS}
     for name, variants in grids.items():
         img = comparison_grid([(v.label, pictures[v.label][:n]) for v in variants], captions[:n],
-                              title=f"held-out captions (the pair saw only the training sample); seeds {seeds[0]}..; "
-                                    f"cfg {a.cfg:g}",
+                              title=f"held-out captions (the pair saw only the training sample), seeds {seeds[0]} to "
+                                    f"{seeds[n - 1]}, cfg {a.cfg:g}",
                               training=training)
         atomic_write(os.path.join(a.out_dir, name), lambda tmp, img=img: img.save(tmp, format="PNG"))
     cmd = "python benchmarks/bench_shapes.py " + " ".join(argv if argv is not None else sys.argv[1:])

@@ -13,7 +13,7 @@ def _tile(img):
 def comparison_grid(columns, captions, title=None, training=None):
     """PIL image. columns: [(label, pictures [B, 3, 32, 32] in [0, 1])]; captions: B row labels;
     training: optional (label, picture [3, 32, 32]) shown left of the grid (the one training sample)."""
-    cell, pad, label_w, head = 32 * SCALE, 8, 200, 44
+    cell, pad, label_w, head = 32 * SCALE, 8, 200, 56
     left = (cell + 2 * pad) if training is not None else 0
     top = head + (24 if title else 0)
     w = left + label_w + len(columns) * (cell + pad) + pad
@@ -24,12 +24,13 @@ def comparison_grid(columns, captions, title=None, training=None):
         draw.text((pad, 6), title, fill=(0, 0, 0))
     if training is not None:
         label, pic = training
-        draw.text((pad, top - 30), label, fill=(0, 0, 0))
+        for k, line in enumerate(_wrap(label, 22)[:3]):
+            draw.text((pad, top - 46 + 13 * k), line, fill=(0, 0, 0))
         canvas.paste(_tile(pic), (pad, top))
     for j, (label, _) in enumerate(columns):
         x = left + label_w + j * (cell + pad)
-        for k, line in enumerate(_wrap(label, 22)[:2]):
-            draw.text((x, top - 34 + 13 * k), line, fill=(0, 0, 0))
+        for k, line in enumerate(_wrap(label, 22)[:3]):
+            draw.text((x, top - 46 + 13 * k), line, fill=(0, 0, 0))
     for i, caption in enumerate(captions):
         y = top + i * (cell + pad)
         for k, line in enumerate(_wrap(str(caption), 30)[:3]):
