@@ -10,12 +10,15 @@ def publish_mode(tmp):
     os.chmod(tmp, 0o666 & ~mask)
 
 
-def atomic_write(path, write):
-    """Call write(tmp_path) on a temporary file beside `path`, then rename it into place (replacing any old file).
+def atomic_write(path, write, overwrite=True):
+    """Call write(tmp_path) on a temporary file beside `path`, then move it into place.
 
     An interruption or error leaves the old file (or none) and no partial file under the final name.
+    overwrite False: raise FileExistsError if `path` exists, also if it appeared while writing (never clobbers).
     """
     path = os.fspath(path)
+    if not overwrite and os.path.exists(path):
+        raise FileExistsError(path)
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".part", dir=folder)
@@ -25,7 +28,17 @@ def atomic_write(path, write):
         publish_mode(tmp)
         with open(tmp, "rb+") as fh:
             os.fsync(fh.fileno())
-        os.replace(tmp, path)
+        if overwrite:
+            os.replace(tmp, path)
+        else:
+            try:
+                os.link(tmp, path)  # fails if the name appeared meanwhile
+            except FileExistsError:  # an OSError too: keep it out of the fallback below
+                raise
+            except OSError:  # filesystems without hard links
+                if os.path.exists(path):
+                    raise FileExistsError(path) from None
+                os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)

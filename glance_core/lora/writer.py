@@ -1,14 +1,12 @@
 """Write LoRA files that stock ComfyUI loaders read 1:1: explicit alpha, atomic, never clobbering by default."""
 import dataclasses
 import json
-import os
-import tempfile
 
 import torch
 from safetensors.torch import save_file
 
 from ..errors import LoraFileError
-from ..files import publish_mode
+from ..files import atomic_write
 
 PREFIX = {"comfyui": "diffusion_model.", "diffusers": "transformer."}
 
@@ -63,30 +61,7 @@ def save_lora(path, modules, metadata=None, namespace="comfyui", dtype=None, ove
 
 
 def _write(path, tensors, metadata, overwrite):
-    path = os.fspath(path)
-    if os.path.exists(path) and not overwrite:
-        raise LoraFileError(path, "file exists; choose another name or allow overwriting")
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".part", dir=folder)
-    os.close(fd)
     try:
-        save_file(tensors, tmp, metadata=dict(metadata or {}))
-        publish_mode(tmp)
-        with open(tmp, "rb+") as fh:
-            os.fsync(fh.fileno())
-        if overwrite:
-            os.replace(tmp, path)
-        else:
-            try:
-                os.link(tmp, path)  # fails if the name appeared meanwhile: never clobbers
-            except FileExistsError:
-                raise LoraFileError(path, "file exists; choose another name or allow overwriting") from None
-            except OSError:  # filesystems without hard links
-                if os.path.exists(path):
-                    raise LoraFileError(path, "file exists; choose another name or allow overwriting") from None
-                os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return path
+        return atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=dict(metadata or {})), overwrite)
+    except FileExistsError:
+        raise LoraFileError(path, "file exists; choose another name or allow overwriting") from None
