@@ -21,11 +21,10 @@ import torch
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(HERE, ".."))
 from glance_core.files import atomic_write, write_text  # noqa: E402
-from glance_core.shapes import data, teacher as teacher_mod  # noqa: E402
-from glance_core.shapes.teacher import DEFAULT_CFG  # noqa: E402
+from glance_core.shapes import DEFAULT_CAPTION, DEFAULT_CFG, OBJECTIVES, data, teacher as teacher_mod  # noqa: E402
 from glance_core.shapes.compare import BASELINE, GLANCE_10, PLAIN_10, VARIANTS, measure  # noqa: E402
-from glance_core.shapes.demo import DEFAULT_CAPTION, held_out  # noqa: E402
-from glance_core.shapes.glance import OBJECTIVES, train_pair  # noqa: E402
+from glance_core.shapes.demo import held_out  # noqa: E402
+from glance_core.shapes.glance import train_pair  # noqa: E402
 from glance_core.shapes.grid import comparison_grid  # noqa: E402
 
 
@@ -66,13 +65,11 @@ def main(argv=None):
         ap.error("--cfg must be in 1 .. 20")
     suffix = "" if a.cfg == DEFAULT_CFG else f"_cfg{a.cfg:g}"
     model = teacher_mod.load()
-    pairs, seconds, sample = {}, {}, None
-    for objective in OBJECTIVES:
+    pairs, seconds = {}, {}
+    for objective in OBJECTIVES:  # both train on the same sample: the teacher's 50-step picture
         t0 = time.perf_counter()
-        pairs[objective], _, s = train_pair(model, cap, a.seed, objective=objective, steps=a.steps,
-                                               cfg=a.cfg)
+        pairs[objective], _, sample = train_pair(model, cap, a.seed, objective=objective, steps=a.steps, cfg=a.cfg)
         seconds[objective] = time.perf_counter() - t0
-        sample = s if sample is None else sample
     captions, seeds = held_out(cap, a.seed, a.samples)
     assert cap not in captions
     rows, pictures = measure(model, VARIANTS, captions, seeds, pairs, repeats=a.repeats, cfg=a.cfg)

@@ -7,6 +7,7 @@ import sys
 from .errors import GlanceError
 from .families import FAMILIES
 from .schedule import DEFAULTS, MODES, build_schedule
+from .shapes import DEFAULT_CAPTION, DEFAULT_CFG, OBJECTIVES
 
 
 def _parser():
@@ -77,16 +78,17 @@ def _parser():
 
     d = sub.add_parser("demo", help="train a pair on the bundled teacher and compare 50 / 10 / Glance 10 steps",
                        formatter_class=manual, description=DEMO_HELP)
-    d.add_argument("--caption", default="red circle top-left on white",
+    d.add_argument("--caption", default=DEFAULT_CAPTION,
                    help="caption of the ONE training sample: 'colour shape position on background' "
-                        "(default 'red circle top-left on white')")
+                        f"(default '{DEFAULT_CAPTION}')")
     d.add_argument("--seed", type=int, default=0, help="noise seed of the training sample (default 0)")
     d.add_argument("--steps", type=int, default=60, help="optimizer steps per LoRA (default 60, the recipe's)")
     d.add_argument("--samples", type=int, default=8, help="held-out captions to render and score (1..64, default 8)")
-    d.add_argument("--objective", choices=("flow-matching", "trajectory"), default="flow-matching",
+    d.add_argument("--objective", choices=OBJECTIVES, default=OBJECTIVES[0],
                    help="flow-matching: the paper's loss (default); trajectory: regress the teacher's 50-step path")
-    d.add_argument("--cfg", type=float, default=3.0,
-                   help="classifier-free guidance for all three ways (default 3, the teacher's; 1: none)")
+    d.add_argument("--cfg", type=float, default=DEFAULT_CFG,
+                   help=f"classifier-free guidance for all three ways (default {DEFAULT_CFG:g}, the teacher's; "
+                        "1: none)")
     d.add_argument("--out", default="glance_demo.png", help="the comparison grid PNG (default glance_demo.png)")
     d.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: torch's choice)")
     return p

@@ -1,2 +1,10 @@
 """The bundled small teacher: procedural shape pictures, a pixel-space MMDiT trained on them, its judge,
-and Glance on it (pair training, rendering, the demo). Plain torch + diffusers; no ComfyUI."""
+and Glance on it (pair training, rendering, the demo). Plain torch + diffusers; no ComfyUI.
+
+The defaults below live here, free of torch, so the command line can show them without loading anything.
+"""
+DEFAULT_CAPTION = "red circle top-left on white"  # the demo's and the benchmark's training sample
+# The guidance the teacher is sampled with by default: at 3 its 50-step pictures fit their captions far more
+# often than unguided (see the teacher record's check), as real text-to-image models are sampled with CFG.
+DEFAULT_CFG = 3.0
+OBJECTIVES = ("flow-matching", "trajectory")  # pair training: the paper's loss, or the teacher's own path

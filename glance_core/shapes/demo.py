@@ -7,15 +7,13 @@ import torch
 
 from ..errors import GlanceError
 from ..files import atomic_write
-from . import data, teacher as teacher_mod
+from . import DEFAULT_CAPTION, DEFAULT_CFG, data, teacher as teacher_mod
 from .compare import BASELINE, GLANCE_10, PLAIN_10, measure
 from .glance import train_pair
 from .grid import comparison_grid
 
-DEFAULT_CAPTION = "red circle top-left on white"
 
-
-def check_args(caption, seed, steps, samples, out, cfg=teacher_mod.DEFAULT_CFG):
+def check_args(caption, seed, steps, samples, out, cfg=DEFAULT_CFG):
     """Validate the demo's settings; returns the parsed Caption. Raises GlanceError naming the bad flag."""
     cap = data.parse_caption(caption)
     if not 0 <= seed < 2 ** 63:
@@ -42,7 +40,7 @@ def held_out(caption, seed, n):
 
 
 def run(caption=DEFAULT_CAPTION, seed=0, steps=60, samples=8, out="glance_demo.png", objective="flow-matching",
-        cfg=teacher_mod.DEFAULT_CFG, progress=True, log=print):
+        cfg=DEFAULT_CFG, progress=True, log=print):
     """Run the demo; returns the measured rows (dicts) after writing the grid PNG to `out`."""
     from tqdm.auto import tqdm
     cap = check_args(caption, seed, steps, samples, out, cfg)

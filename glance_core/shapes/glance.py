@@ -4,9 +4,8 @@ import torch
 
 from .. import runtime
 from ..train import RECIPES, TARGET_PATTERNS, TrainConfig, TrainingError, lora_pair_params, train_lora
+from . import OBJECTIVES
 from .sampling import glance_schedule, trajectory
-
-OBJECTIVES = ("flow-matching", "trajectory")
 
 
 def target_modules(teacher):

@@ -52,11 +52,9 @@ def sample(teacher, captions, seeds, steps, adapters=None, boundary=None, cfg=1.
 @torch.no_grad()
 def trajectory(teacher, caption, seed, n=50, cfg=1.0):
     """The teacher's plain n-step Euler path for one caption and seed: {sigma: x_sigma [1, 3, 32, 32]} (+ 0.0)."""
-    x = noise_for([seed])
-    model = denoiser(teacher, teacher.cond([caption]), cfg=cfg)
     path = {}
-    for st in plain_steps(n):
-        path[st.sigma] = x
-        x = sample_glance_euler(model, x, (st,))
+    model = denoiser(teacher, teacher.cond([caption]), cfg=cfg)
+    x = sample_glance_euler(model, noise_for([seed]), plain_steps(n),
+                            callback=lambda info: path.__setitem__(info["sigma"], info["x"]))
     path[0.0] = x
     return path

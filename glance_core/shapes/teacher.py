@@ -18,9 +18,6 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 WEIGHTS = os.path.join(HERE, "weights", "teacher.safetensors")
 RECORD = os.path.join(HERE, "weights", "teacher.json")  # config, sha256 of the weights, how they were trained
 FAMILY = "glance-shapes"  # the schedule engine's preset for this model (families.py)
-# The guidance the teacher is sampled with by default: at 3 its 50-step pictures fit their captions far more
-# often than unguided (see the record's check), as real text-to-image models are sampled with CFG.
-DEFAULT_CFG = 3.0
 
 
 @dataclass(frozen=True)
@@ -62,10 +59,8 @@ class Teacher(torch.nn.Module):
             pos_embed_max_size=c.size // c.patch, qk_norm="rms_norm")
 
     @staticmethod
-    def cond(captions, empty=False):
-        """[B, 4] slot indices of captions (empty: the empty caption, as in caption dropout / CFG)."""
-        if empty:
-            return torch.tensor([[len(v) for _, v in SLOTS]] * len(captions))
+    def cond(captions):
+        """[B, 4] slot indices of captions."""
         return torch.tensor([c.indices for c in captions])
 
     @staticmethod

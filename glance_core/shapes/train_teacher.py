@@ -15,9 +15,9 @@ import torch
 import torch.nn.functional as F
 
 from ..files import atomic_write, write_text
-from . import data, judge
+from . import DEFAULT_CFG, data, judge
 from .sampling import plain_steps, sample
-from .teacher import DEFAULT_CFG, WEIGHTS, Teacher, TeacherConfig, config_dict, sha256
+from .teacher import WEIGHTS, Teacher, TeacherConfig, config_dict, sha256
 
 DEFAULTS = dict(steps=6000, batch=32, lr=2e-3, warmup=300, ema=0.999, dropout=0.1, seed=0, threads=2)
 
@@ -46,7 +46,7 @@ def train(steps, batch, lr, warmup, ema, dropout, seed, threads, log=_log):
         sigma = torch.rand(batch, generator=gen)
         cond = model.cond(caps)
         drop = torch.rand(batch, generator=gen) < dropout
-        cond[drop] = model.cond(caps[:1], empty=True)[0]
+        cond[drop] = model.empty_like(cond)[drop]
         s = sigma[:, None, None, None]
         loss = F.mse_loss(model.velocity((1 - s) * x0 + s * noise, sigma, cond), noise - x0)
         opt.zero_grad(set_to_none=True)

@@ -11,7 +11,7 @@ import torch
 from glance_core import runtime
 from glance_core.errors import GlanceError
 from glance_core.schedule import build_schedule
-from glance_core.shapes import data, judge, teacher as teacher_mod
+from glance_core.shapes import DEFAULT_CFG, data, judge, teacher as teacher_mod
 from glance_core.shapes.compare import VARIANTS, fidelity
 from glance_core.shapes.glance import target_modules, train_pair
 from glance_core.shapes.sampling import denoiser, glance_schedule, noise_for, plain_steps, sample, trajectory
@@ -82,7 +82,7 @@ def test_a_changed_weights_file_is_refused(tmp_path):
 def test_teacher_samples_fit_their_captions(teacher):
     gen = torch.Generator().manual_seed(11)
     caps = data.random_captions(24, gen)
-    acc = judge.score(sample(teacher, caps, range(100, 124), plain_steps(50), cfg=teacher_mod.DEFAULT_CFG), caps)
+    acc = judge.score(sample(teacher, caps, range(100, 124), plain_steps(50), cfg=DEFAULT_CFG), caps)
     assert acc["all"] >= 0.8, acc
 
 
@@ -175,7 +175,7 @@ def test_benchmark_on_two_samples(tmp_path):
     res = bench_shapes.main(["--samples", "2", "--repeats", "1", "--steps", "2", "--out-dir", str(tmp_path)])
     rows = res["rows"]
     assert [r["label"] for r in rows] == [v.label for v in VARIANTS]
-    assert res["cfg"] == teacher_mod.DEFAULT_CFG != 1  # guided: two passes per step, counted as the paper does
+    assert res["cfg"] == DEFAULT_CFG != 1  # guided: two passes per step, counted as the paper does
     assert [r["calls"] for r in rows] == [100] + [20] * (len(VARIANTS) - 1)
     assert rows[0]["mse"] == 0 and all(r["mse"] > 0 for r in rows[1:])
     assert rows[0]["speedup"] == 1.0 and all(r["speedup"] > 1.5 for r in rows[1:])
