@@ -66,7 +66,8 @@ def run(caption=DEFAULT_CAPTION, seed=0, steps=60, samples=8, out="glance_demo.p
     captions, seeds = held_out(cap, seed, samples)
     log(f"rendering {samples} held-out captions x 3 ways")
     variants = (BASELINE, PLAIN_10, GLANCE_10)
-    rows, pictures = measure(model, variants, captions, seeds, {"flow-matching": pair, objective: pair}, cfg=cfg)
+    # The demo's one pair fills the Glance column, whichever objective trained it.
+    rows, pictures = measure(model, variants, captions, seeds, {GLANCE_10.pair: pair}, cfg=cfg)
     grid = comparison_grid([(v.label, pictures[v.label]) for v in variants], captions,
                            title=f"Glance on the bundled teacher: pair trained on ONE sample ({objective}, "
                                  f"{steps} steps per LoRA, cfg {cfg:g}); rows are captions it never saw",
