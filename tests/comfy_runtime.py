@@ -1,7 +1,7 @@
 """Find and start the real ComfyUI runtime inside the test process, and build tiny real-architecture models.
 
 ComfyUI is looked for in COMFYUI_PATH, then an enclosing ComfyUI (this pack inside custom_nodes/),
-then ~/comfy/ComfyUI.
+then ~/comfy/ComfyUI. The runtime runs on the CPU (ComfyUI's --cpu) unless GLANCE_TEST_DEVICE=cuda.
 """
 import importlib.util
 import os
@@ -31,11 +31,75 @@ def find_comfyui():
     return None, "no ComfyUI found"
 
 
+GGUF_HOW_TO = ("set COMFYUI_GGUF_PATH to a checkout of https://github.com/city96/ComfyUI-GGUF, or check it out into "
+               "<ComfyUI>/custom_nodes/ComfyUI-GGUF (and pip install gguf)")
+
+
+class DeviceError(RuntimeError):
+    """GLANCE_TEST_DEVICE asks for a device this machine cannot give."""
+
+
+def find_comfyui_gguf():
+    """(path, where it came from) of a ComfyUI-GGUF checkout, or (None, reason)."""
+    env = os.environ.get("COMFYUI_GGUF_PATH")
+    if env:
+        path, where = env, "COMFYUI_GGUF_PATH"
+    else:
+        comfy, why = find_comfyui()
+        if comfy is None:
+            return None, why
+        path, where = os.path.join(comfy, "custom_nodes", "ComfyUI-GGUF"), "the ComfyUI's custom_nodes"
+    if not all(os.path.isfile(os.path.join(path, f)) for f in ("__init__.py", "nodes.py", "loader.py", "ops.py")):
+        return None, f"no ComfyUI-GGUF checkout at {path} ({where})"
+    return path, where
+
+
+def load_comfyui_gguf(path, name="comfyui_gguf"):
+    """Import a ComfyUI-GGUF checkout as ComfyUI imports a custom node pack (start() first)."""
+    if name in sys.modules:
+        return sys.modules[name]
+    spec = importlib.util.spec_from_file_location(name, os.path.join(path, "__init__.py"),
+                                                  submodule_search_locations=[path])
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[name] = mod
+    try:
+        spec.loader.exec_module(mod)
+    except BaseException:
+        del sys.modules[name]
+        raise
+    return mod
+
+
 _started = None
+DEVICES = ("cpu", "cuda")
+
+
+def runtime_device():
+    """The device the test runtime runs on: GLANCE_TEST_DEVICE (cpu or cuda), cpu when unset."""
+    device = os.environ.get("GLANCE_TEST_DEVICE", "") or "cpu"
+    if device not in DEVICES:
+        raise DeviceError(f"GLANCE_TEST_DEVICE={device!r}: use one of {', '.join(DEVICES)}")
+    return device
+
+
+def _use_device(args):
+    """Point ComfyUI's args at the test device; on CUDA, make float32 maths exact (no TF32)."""
+    import torch
+    if runtime_device() == "cpu":
+        args.cpu = True
+        return
+    if not torch.cuda.is_available():
+        raise DeviceError(f"GLANCE_TEST_DEVICE=cuda but torch {torch.__version__} sees no CUDA device: run on a "
+                           "machine with an NVIDIA GPU and a CUDA build of torch, or unset GLANCE_TEST_DEVICE")
+    args.cpu = False
+    # TF32 rounds float32 convolutions (cuDNN's default) and matmuls to 10 mantissa bits, with a run-dependent
+    # algorithm choice: the tests' 1e-4 equalities compare float32 results, so keep float32 exact.
+    torch.backends.cudnn.allow_tf32 = False
+    torch.backends.cuda.matmul.allow_tf32 = False
 
 
 def start(base_dir):
-    """Import ComfyUI in this process (CPU, folders under base_dir); idempotent. Returns the ComfyUI path."""
+    """Import ComfyUI in this process (runtime_device(), folders under base_dir); idempotent. Returns its path."""
     global _started
     if _started:
         return _started
@@ -45,7 +109,7 @@ def start(base_dir):
     if path not in sys.path:
         sys.path.insert(0, path)
     from comfy.cli_args import args  # must precede comfy.model_management
-    args.cpu = True
+    _use_device(args)
     # ComfyUI's `utils` package must be imported before `nodes` puts comfy/ (with its utils.py) first on sys.path.
     import utils.install_util  # noqa: F401
     import folder_paths
@@ -58,7 +122,9 @@ def start(base_dir):
     folder_paths.add_model_folder_path("diffusion_models", os.path.join(base_dir, "diffusion_models"),
                                        is_default=True)
     folder_paths.add_model_folder_path("vae", os.path.join(base_dir, "vae"), is_default=True)
-    import comfy.model_management  # noqa: F401  (initialise devices with args.cpu set)
+    import comfy.model_management as mm  # initialise devices with args.cpu set
+    if runtime_device() == "cuda" and mm.get_torch_device().type != "cuda":
+        raise DeviceError(f"GLANCE_TEST_DEVICE=cuda but ComfyUI picked {mm.get_torch_device()}")
     _started = path
     return path
 

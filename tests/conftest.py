@@ -19,8 +19,31 @@ def comfy(tmp_path_factory):
         if os.environ.get("CI") == "true":
             pytest.fail(msg + " [CI=true: the ComfyUI tests must run]")
         pytest.skip(msg)
-    comfy_runtime.start(str(tmp_path_factory.mktemp("comfy_base")))
+    try:
+        comfy_runtime.start(str(tmp_path_factory.mktemp("comfy_base")))
+    except comfy_runtime.DeviceError as e:  # asked for a GPU that is not there: never fall back to the CPU
+        pytest.fail(str(e), pytrace=False)
     return path
+
+
+@pytest.fixture(scope="session")
+def comfyui_gguf(comfy):
+    """city96's ComfyUI-GGUF imported as a node pack. Skipped without it (or `gguf`), except under CI=true."""
+    path, where = comfy_runtime.find_comfyui_gguf()
+    missing = None
+    if path is None:
+        missing = where
+    else:
+        try:
+            import gguf  # noqa: F401  (ComfyUI-GGUF's own dependency)
+        except ImportError as e:
+            missing = f"the gguf package is not installed ({e})"
+    if missing:
+        msg = f"ComfyUI-GGUF not available: {missing}: {comfy_runtime.GGUF_HOW_TO}"
+        if os.environ.get("CI") == "true":
+            pytest.fail(msg + " [CI=true: the GGUF tests must run]", pytrace=False)
+        pytest.skip(msg)
+    return comfy_runtime.load_comfyui_gguf(path)
 
 
 @pytest.fixture(scope="session")
