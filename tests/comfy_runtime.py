@@ -56,18 +56,7 @@ def find_comfyui_gguf():
 
 def load_comfyui_gguf(path, name="comfyui_gguf"):
     """Import a ComfyUI-GGUF checkout as ComfyUI imports a custom node pack (start() first)."""
-    if name in sys.modules:
-        return sys.modules[name]
-    spec = importlib.util.spec_from_file_location(name, os.path.join(path, "__init__.py"),
-                                                  submodule_search_locations=[path])
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[name] = mod
-    try:
-        spec.loader.exec_module(mod)
-    except BaseException:
-        del sys.modules[name]
-        raise
-    return mod
+    return import_by_path(name, path)
 
 
 _started = None
@@ -129,16 +118,25 @@ def start(base_dir):
     return path
 
 
-def load_pack(name="glance_pack"):
-    """Import this repository as a package the way ComfyUI does (by path, relative imports inside)."""
+def import_by_path(name, root):
+    """Import the package in folder `root` as module `name`, the way ComfyUI imports node packs; idempotent."""
     if name in sys.modules:
         return sys.modules[name]
-    spec = importlib.util.spec_from_file_location(name, os.path.join(PACK_ROOT, "__init__.py"),
-                                                  submodule_search_locations=[PACK_ROOT])
+    spec = importlib.util.spec_from_file_location(name, os.path.join(root, "__init__.py"),
+                                                  submodule_search_locations=[root])
     mod = importlib.util.module_from_spec(spec)
     sys.modules[name] = mod
-    spec.loader.exec_module(mod)
+    try:
+        spec.loader.exec_module(mod)
+    except BaseException:
+        del sys.modules[name]  # a half-imported package would hide the error on the next call
+        raise
     return mod
+
+
+def load_pack(name="glance_pack"):
+    """Import this repository as a package the way ComfyUI does (by path, relative imports inside)."""
+    return import_by_path(name, PACK_ROOT)
 
 
 # Tiny configs of the real classes. FLUX rope axes must sum to hidden/heads; Qwen's to attention_head_dim;
@@ -159,16 +157,20 @@ TINY_CONFIGS = {
 CONTEXT_DIM = 32
 
 
+def tiny_config(family):
+    """ComfyUI's model config (comfy.supported_models) of `family` at the tiny size of TINY_CONFIGS."""
+    import comfy.supported_models as sm
+    cls = {"flux": sm.Flux, "qwen-image": sm.QwenImage, "sd3": sm.SD3}[family]
+    return cls(dict(TINY_CONFIGS[family]))
+
+
 def tiny_model(family, seed=0):
     """A ModelPatcher around ComfyUI's own model class for `family` at tiny width, weights initialised."""
     import torch
     import comfy.model_management as mm
     import comfy.model_patcher
-    import comfy.supported_models as sm
 
-    cls = {"flux": sm.Flux, "qwen-image": sm.QwenImage, "sd3": sm.SD3}[family]
-    config = cls(dict(TINY_CONFIGS[family]))
-    model = config.get_model({})
+    model = tiny_config(family).get_model({})
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():  # comfy.ops layers skip init (torch.empty): give every weight small random values
         # Buffers too: SD3's pos_embed is an uninitialised buffer that real checkpoints fill.
