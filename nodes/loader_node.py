@@ -3,7 +3,7 @@ import logging
 import os
 
 import folder_paths
-from comfy_api.latest import io
+from comfy_api.v0_0_2 import io
 
 from ..glance_core import runtime
 from ..glance_core.errors import GlanceError
