@@ -82,8 +82,9 @@ def load_pair(model, slow_name, fast_name, strength_slow, strength_fast, scale_p
 
 PICK_HINT = ("Empty list? Download glance_qwen_slow.safetensors and glance_qwen_fast.safetensors (Hugging Face "
              "CSU-JPG/Glance, Qwen-Image) into models/loras, or train a pair with Glance Train LoRA Pair, then press "
-             "R to refresh. The official files are recognised by their tensor layout (and read at their trained "
-             "scale) whatever they are named; they do not say which is slow and which fast, so pick each here.")
+             "R to refresh. The official files are recognised by their tensor layout whatever they are named (and read "
+             "at the scale they were trained at under 'as trained'); they do not say which is slow and which fast, "
+             "so pick each here.")
 
 
 class GlanceLoRAPairLoader(io.ComfyNode):
