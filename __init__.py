@@ -21,7 +21,7 @@ else:
 
 
 async def comfy_entrypoint():
-    from comfy_api.latest import ComfyExtension
+    from comfy_api.v0_0_2 import ComfyExtension
 
     if GlanceExtension is not None:
         return GlanceExtension()

@@ -1,5 +1,5 @@
 """The ComfyUI layer: V3 nodes over glance_core. Node ids are permanent (workflows refer to them)."""
-from comfy_api.latest import ComfyExtension, io
+from comfy_api.v0_0_2 import ComfyExtension, io
 
 from .loader_node import GlanceLoRAPairLoader
 from .sampler_node import GlanceSampler

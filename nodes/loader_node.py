@@ -3,7 +3,7 @@ import logging
 import os
 
 import folder_paths
-from comfy_api.latest import io
+from comfy_api.v0_0_2 import io
 
 from ..glance_core import runtime
 from ..glance_core.errors import GlanceError
@@ -14,12 +14,23 @@ from .pair import GlancePair, attach, key_map_of, pair_steps, with_pair
 log = logging.getLogger("glance")
 
 
+OFFICIAL_PAIR_HINT = ("the official Qwen-Image pair is glance_qwen_slow.safetensors and glance_qwen_fast.safetensors "
+                      "from the Hugging Face model repository CSU-JPG/Glance; GlanceTrainLoRAPair makes a pair for "
+                      "any model")
+
+
 def lora_path(name, input_name):
-    """Full path of a file picked from ComfyUI's loras folder; GlanceError naming the input if missing."""
-    path = folder_paths.get_full_path("loras", name) if name else None
+    """Full path of a file picked from ComfyUI's loras folder; GlanceError naming the input and what to do if none."""
+    folders = ", ".join(folder_paths.get_folder_paths("loras"))
+    if not name:
+        raise GlanceError(f"{input_name}: no LoRA file chosen. Put the pair's two .safetensors files in ComfyUI's "
+                          f"loras folder ({folders}), press R in the web page to refresh the lists, then pick the "
+                          f"{input_name.split('_')[0]} file here ({OFFICIAL_PAIR_HINT})")
+    path = folder_paths.get_full_path("loras", name)
     if path is None or not os.path.isfile(path):
-        raise GlanceError(f"{input_name}: LoRA file {name!r} not found in ComfyUI's loras folder(s): "
-                          f"{', '.join(folder_paths.get_folder_paths('loras'))}")
+        raise GlanceError(f"{input_name}: LoRA file {name!r} not found in ComfyUI's loras folder(s): {folders}. "
+                          f"Download or copy it there and press R in the web page to refresh the lists "
+                          f"({OFFICIAL_PAIR_HINT})")
     return path
 
 
@@ -69,6 +80,13 @@ def load_pair(model, slow_name, fast_name, strength_slow, strength_fast, scale_p
     return with_pair(model, pair), report
 
 
+PICK_HINT = ("Empty list? Download glance_qwen_slow.safetensors and glance_qwen_fast.safetensors (Hugging Face "
+             "CSU-JPG/Glance, Qwen-Image) into models/loras, or train a pair with Glance Train LoRA Pair, then press "
+             "R to refresh. The official files are recognised by their tensor layout whatever they are named (and read "
+             "at the scale they were trained at under 'as trained'); they do not say which is slow and which fast, "
+             "so pick each here.")
+
+
 class GlanceLoRAPairLoader(io.ComfyNode):
     @classmethod
     def define_schema(cls):
@@ -84,9 +102,11 @@ class GlanceLoRAPairLoader(io.ComfyNode):
             inputs=[
                 io.Model.Input("model", tooltip="The base flow-matching model (Qwen-Image, FLUX, SD3...)."),
                 io.Combo.Input("slow_lora", options=loras,
-                               tooltip="The Slow LoRA (early, high-noise steps), from ComfyUI's loras folder."),
+                               tooltip="The Slow LoRA (early, high-noise steps), from ComfyUI's models/loras folder. "
+                                       + PICK_HINT),
                 io.Combo.Input("fast_lora", options=loras,
-                               tooltip="The Fast LoRA (late, detail steps), from ComfyUI's loras folder."),
+                               tooltip="The Fast LoRA (late, detail steps), from ComfyUI's models/loras folder. "
+                                       + PICK_HINT),
                 io.Float.Input("strength_slow", default=1.0, min=-10.0, max=10.0, step=0.01,
                                tooltip="Multiplier of the Slow LoRA (1.0 = as loaded with the scale policy)."),
                 io.Float.Input("strength_fast", default=1.0, min=-10.0, max=10.0, step=0.01,
@@ -103,6 +123,16 @@ class GlanceLoRAPairLoader(io.ComfyNode):
                                  tooltip="What was loaded: layouts, modules, ranks and the scale applied."),
             ],
         )
+
+    @classmethod
+    def validate_inputs(cls, slow_lora, fast_lora):
+        # Replaces ComfyUI's bare "Value not in list" (an empty list when no LoRA is installed) with what to do.
+        for name, input_name in ((slow_lora, "slow_lora"), (fast_lora, "fast_lora")):
+            try:
+                lora_path(name, input_name)
+            except GlanceError as e:
+                return str(e)
+        return True
 
     @classmethod
     def execute(cls, model, slow_lora, fast_lora, strength_slow, strength_fast, scale_policy) -> io.NodeOutput:

@@ -5,7 +5,7 @@ import comfy.samplers
 import comfy.utils
 import latent_preview
 import torch
-from comfy_api.latest import io
+from comfy_api.v0_0_2 import io
 
 from ..glance_core.errors import GlanceError
 from ..glance_core.families import comfyui_families

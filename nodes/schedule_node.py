@@ -2,7 +2,7 @@
 import logging
 
 import torch
-from comfy_api.latest import io
+from comfy_api.v0_0_2 import io
 
 from ..glance_core.errors import GlanceError
 from ..glance_core.families import comfyui_families, get_family

@@ -10,7 +10,7 @@ import folder_paths
 import node_helpers
 import numpy as np
 import torch
-from comfy_api.latest import io
+from comfy_api.v0_0_2 import io
 
 from ..glance_core import __version__
 from ..glance_core import runtime

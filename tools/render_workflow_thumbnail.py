@@ -1,6 +1,6 @@
 """Draw a workflow's graph (nodes, titles, links) as the JPEG thumbnail ComfyUI shows in Browse Templates.
 
-    python tools/render_workflow_thumbnail.py example_workflows/glance_qwen_image_t2i.json
+    python tools/render_workflow_thumbnail.py example_workflows/*.json
 """
 import json
 import sys
@@ -9,6 +9,8 @@ from PIL import Image, ImageDraw, ImageFont
 
 W, H, PAD, TITLE_H = 768, 432, 24, 22
 BG, LINK, BOX, GLANCE, TEXT = (32, 33, 38), (150, 160, 175), (58, 60, 68), (46, 110, 160), (235, 235, 240)
+NOTE_BOX, NOTE_TITLE = (102, 85, 51), (68, 51, 34)  # ComfyUI's note colours (#653 body, #432 title)
+NOTES = ("Note", "MarkdownNote")
 LINK_COLORS = {"MODEL": (178, 160, 255), "CLIP": (255, 214, 80), "VAE": (255, 110, 110), "LATENT": (255, 150, 210),
                "CONDITIONING": (255, 170, 100), "IMAGE": (100, 180, 230)}
 
@@ -39,9 +41,10 @@ def render(workflow, out_path):
         d.line(curve, fill=LINK_COLORS.get(typ, LINK), width=3)
     for n in nodes.values():
         (ax, ay), (bx, by) = pt(*n["pos"]), pt(n["pos"][0] + n["size"][0], n["pos"][1] + n["size"][1])
-        glance = n["type"].startswith("Glance")
-        d.rounded_rectangle([ax, ay, bx, by], radius=6, fill=BOX, outline=GLANCE if glance else (80, 82, 92), width=2)
-        title_fill = GLANCE if glance else (70, 72, 82)
+        glance, note = n["type"].startswith("Glance"), n["type"] in NOTES
+        d.rounded_rectangle([ax, ay, bx, by], radius=6, fill=NOTE_BOX if note else BOX,
+                            outline=GLANCE if glance else (80, 82, 92), width=2)
+        title_fill = GLANCE if glance else NOTE_TITLE if note else (70, 72, 82)
         d.rounded_rectangle([ax, ay, bx, ay + TITLE_H * s / 0.45 * 0.5], radius=6, fill=title_fill)
         d.text((ax + 6, ay + 3), n.get("title") or n["type"], fill=TEXT, font=font)
     img.save(out_path, "JPEG", quality=88)

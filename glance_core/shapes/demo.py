@@ -15,7 +15,10 @@ from .grid import comparison_grid
 
 def check_args(caption, seed, steps, samples, out, cfg=DEFAULT_CFG):
     """Validate the demo's settings; returns the parsed Caption. Raises GlanceError naming the bad flag."""
-    cap = data.parse_caption(caption)
+    try:
+        cap = data.parse_caption(caption)
+    except GlanceError as e:
+        raise GlanceError(f"--caption: {e}") from None
     if not 0 <= seed < 2 ** 63:
         raise GlanceError(f"--seed {seed}: must be in 0 .. 2^63-1")
     if not 1 <= steps <= 10000:

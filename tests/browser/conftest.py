@@ -49,6 +49,9 @@ def _base_dir(root):
     img = Image.new("RGB", (320, 256), (200, 60, 40))
     img.paste((30, 90, 220), (80, 64, 240, 192))
     img.save(os.path.join(root, "input", "glance_reference.png"))
+    # The training template's image: the one ComfyUI ships in its input folder.
+    shutil.copyfile(os.path.join(comfy_runtime.find_comfyui()[0], "input", "example.png"),
+                    os.path.join(root, "input", "example.png"))
 
 
 @pytest.fixture(scope="session")

@@ -9,7 +9,17 @@ import comfy_runtime
 
 ARTIFACTS = os.path.join(comfy_runtime.PACK_ROOT, "test-artifacts", "browser")
 
-TEMPLATES = ["glance_flux_t2i", "glance_qwen_image_t2i", "glance_train_pair"]
+QWEN = "Glance Qwen-Image 10 steps, official pair"
+TEMPLATES = ["Glance FLUX 10 steps, a pair you trained", QWEN, "Glance train a pair from one image"]
+CATEGORY = "Glance (10-step sampling)"  # what locales/en/main.json makes of the pack's folder name ("glance")
+# Files each template's note names and the missing-models dialog lists, less those the test ComfyUI has.
+MISSING = {
+    TEMPLATES[0]: ["diffusion_models / flux1-dev.safetensors", "text_encoders / clip_l.safetensors",
+                   "text_encoders / t5xxl_fp16.safetensors", "vae / ae.safetensors"],
+    QWEN: ["diffusion_models / qwen_image_fp8_e4m3fn.safetensors",
+           "text_encoders / qwen_2.5_vl_7b_fp8_scaled.safetensors", "vae / qwen_image_vae.safetensors"],
+}
+MISSING[TEMPLATES[2]] = MISSING[QWEN]
 EXPECTED_VALUES = {
     "GlanceSampler": {"sampler_name": "euler", "mode": "consistent", "family": "auto", "base_steps": 50,
                       "fast_steps": 5},
@@ -29,7 +39,7 @@ def open_templates(page):
     if page.get_by_text("Get Started with a Template").count() == 0:
         page.mouse.click(18, 19)
         page.get_by_text("Browse Templates").first.click()
-    nav = page.get_by_role("dialog").get_by_text("glance", exact=True).first
+    nav = page.get_by_role("dialog").get_by_text(CATEGORY, exact=True).first
     nav.wait_for(timeout=15000)
     time.sleep(0.5)  # the dialog animates in
     nav.scroll_into_view_if_needed()
@@ -40,8 +50,10 @@ def open_templates(page):
 def test_templates_are_listed_with_thumbnails(page):
     open_templates(page)
     dialog = page.get_by_role("dialog")
-    for name in TEMPLATES:
+    for name in TEMPLATES:  # the title, then the description: the file name with '-' and '_' as spaces
         assert dialog.get_by_text(name, exact=True).count() >= 1, name
+        described = name.replace("-", " ").replace("_", " ")
+        assert dialog.get_by_text(described, exact=True).count() >= (1 if described != name else 2), described
     # The frontend fetches each <name>.jpg and shows it as a blob: our thumbnails are 768 x 432.
     page.wait_for_function("""() => [...document.querySelectorAll('[role=dialog] img')]
         .filter(i => i.complete && i.naturalWidth === 768 && i.naturalHeight === 432).length === 3""",
@@ -61,8 +73,23 @@ def test_each_template_opens_with_every_glance_node_and_its_widgets(page, ui_ser
         page.get_by_text("Get Started with a Template").first.wait_for(state="detached", timeout=15000)
         page.wait_for_function(f"() => window.app.graph._nodes.some(n => n.type.startsWith('Glance'))", timeout=15000)
         time.sleep(1)
+        # The frontend's missing-models dialog (from the loaders' properties.models) lists what this test
+        # ComfyUI lacks, and not the Glance pair it has.
+        dialog = page.get_by_role("dialog")
+        for label in MISSING[name]:
+            dialog.get_by_text(label).first.wait_for(timeout=15000)
+        text = page.evaluate("() => document.body.innerText")
+        assert "loras / glance_qwen_slow.safetensors" not in text, f"{name}: a file that is there is listed as missing"
+        shot(page, f"2_{name}_missing_models")
+        close_dialogs(page)
         text = page.evaluate("() => document.body.innerText")
         assert "missing" not in text.lower(), f"{name}: a missing-node message is shown"
+        # The note is on the canvas and shown on the page, naming the files and their folders.
+        note = page.evaluate("() => window.app.graph._nodes.filter(n => n.type === 'MarkdownNote').map(n => n.title)")
+        assert note == ["Read me first"], note
+        assert "What to expect" in text and "ComfyUI/models/diffusion_models/" in text, f"{name}: note not shown"
+        if name == QWEN:
+            assert "CSU-JPG/Glance" in text and "glance_qwen_fast.safetensors" in text
         nodes = page.evaluate("""() => window.app.graph._nodes.filter(n => n.type.startsWith('Glance'))
             .map(n => [n.type, (n.widgets || []).map(w => w.name)])""")
         values = page.evaluate("""() => Object.fromEntries(window.app.graph._nodes.filter(n => n.type.startsWith('Glance'))
@@ -84,9 +111,9 @@ def test_each_template_opens_with_every_glance_node_and_its_widgets(page, ui_ser
 
 def test_tooltips_show_on_hover(page):
     open_templates(page)
-    page.get_by_role("dialog").get_by_text("glance_qwen_image_t2i", exact=True).first.click()
+    page.get_by_role("dialog").get_by_text(QWEN, exact=True).first.click()
     page.wait_for_function("() => window.app.graph._nodes.some(n => n.type === 'GlanceSampler')", timeout=15000)
-    time.sleep(1)
+    close_dialogs(page)  # the missing-models dialog
     # Screen position of the sampler's 'mode' widget: (graph position + offset) * scale, inside the canvas.
     x, y = page.evaluate("""() => {
         const c = window.app.canvas, n = window.app.graph._nodes.find(n => n.type === 'GlanceSampler');

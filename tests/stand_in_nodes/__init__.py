@@ -5,7 +5,7 @@ import os
 import sys
 
 import torch
-from comfy_api.latest import ComfyExtension, io
+from comfy_api.v0_0_2 import ComfyExtension, io
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.realpath(__file__))))  # tests/, through symlinks
 import comfy_runtime  # noqa: E402
