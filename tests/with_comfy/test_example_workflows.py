@@ -14,7 +14,8 @@ WF_DIR = os.path.join(comfy_runtime.PACK_ROOT, "example_workflows")
 WORKFLOWS = sorted(os.path.basename(p) for p in glob.glob(os.path.join(WF_DIR, "*.json")))
 QWEN, FLUX, TRAIN = ("Glance Qwen-Image 10 steps, official pair.json", "Glance FLUX 10 steps, a pair you trained.json",
                      "Glance train a pair from one image.json")
-FAMILY = {QWEN: "qwen-image", FLUX: "flux", TRAIN: "qwen-image"}
+COMPARE = "Glance compare 50 steps, plain 10 and Glance 10.json"
+FAMILY = {QWEN: "qwen-image", FLUX: "flux", TRAIN: "qwen-image", COMPARE: "qwen-image"}
 OFFICIAL_PAIR = ("glance_qwen_slow.safetensors", "glance_qwen_fast.safetensors")
 # The ComfyUI model folder each loader reads its widget's file from (ComfyUI's folder_paths names).
 LOADER_FOLDER = {"UNETLoader": "diffusion_models", "CLIPLoader": "text_encoders", "DualCLIPLoader": "text_encoders",
@@ -71,7 +72,7 @@ def test_workflow_matches_live_node_schemas(graph, name):
     links = {l[0]: l for l in ui["links"]}
     assert ui["last_node_id"] >= max(nodes) and ui["last_link_id"] >= max(links)
     for n in ui["nodes"]:
-        if n["type"] in graph.FRONTEND_ONLY:
+        if n["type"] in graph.FRONTEND_ONLY:  # e.g. a Note: drawn by the web UI, never executed
             continue
         cls = graph.node_class(n["type"])
         assert cls is not None, f"node {n['id']}: {n['type']} is not a registered node"
