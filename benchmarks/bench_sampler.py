@@ -115,6 +115,57 @@ def compiled(model):
     return m
 
 
+def merge_probe(adapter, device):
+    """What merging an adapter into the weights would cost: one in-dtype addmm pass over every adapted
+    weight (seconds), and the fraction of weight elements that merging then unmerging the same delta does
+    not give back bit-exactly (what a no-drift merge would have to store or recompute)."""
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    total, changed, elems = 0.0, 0, 0
+    for module, entry in adapter._for(device, next(iter(adapter.branches)).weight.dtype).items():
+        w = module.weight
+        for p in entry.pieces:
+            rows = w[p.offset:p.offset + p.length]
+            up, down = p.up.to(w.dtype), entry.down[p.r0:p.r1].to(w.dtype)
+            sync()
+            t = time.perf_counter()
+            merged = torch.addmm(rows, up, down)
+            sync()
+            total += time.perf_counter() - t
+            changed += int((torch.addmm(merged, up, down, alpha=-1) != rows).sum())
+            elems += rows.numel()
+            del merged
+    return {"merge_pass_s": total, "roundtrip_mismatch_frac": changed / max(1, elems), "weights": elems}
+
+
+def consecutive_generations(n, glance, cuda):
+    """n Glance generations in a row: model (re)loads and weight patches after the first, memory growth."""
+    import comfy.model_patcher as mp
+    patched, loads, mem = [], [], []
+    orig_patch, orig_load = mp.ModelPatcher.patch_weight_to_device, mp.ModelPatcher.load
+
+    def spy_patch(self, key, *a, **k):
+        if key in self.patches:
+            patched.append(key)
+        return orig_patch(self, key, *a, **k)
+
+    def spy_load(self, *a, **k):
+        loads.append(1)
+        return orig_load(self, *a, **k)
+    mp.ModelPatcher.patch_weight_to_device, mp.ModelPatcher.load = spy_patch, spy_load
+    try:
+        for g in range(n):
+            if g == 1:
+                n_loads, n_patched = len(loads), len(patched)
+            glance()
+            gc.collect()
+            mem.append(torch.cuda.memory_allocated() if cuda else psutil.Process().memory_info().rss)
+    finally:
+        mp.ModelPatcher.patch_weight_to_device, mp.ModelPatcher.load = orig_patch, orig_load
+    return {"loads_after_first": len(loads) - n_loads if n > 1 else 0,
+            "weights_patched_after_first": len(patched) - n_patched if n > 1 else 0,
+            "memory_growth_MiB": (mem[-1] - mem[0]) / 2**20}
+
+
 def bench_format(args, weights, device, loras, pack):
     import comfy.model_management as mm
     import comfy.sample
@@ -184,24 +235,42 @@ def bench_format(args, weights, device, loras, pack):
         return dt
 
     runs = {"base10": lambda: stock(base, sig10), "glance10": glance}
-    res = {"weights": weights, "params_B": params / 1e9, "rounds": []}
+    merged = lambda: stock(stock_model, sig10)  # noqa: E731
+    res = {"weights": weights, "params_B": params / 1e9, "rounds": [], "interleaved": args.interleave}
     res["load_base_s"] = load(base, "load base model")
     log("warm-up (base 10, Glance 10; compiles here with --compile)")
     for name, fn in runs.items():
         timed(f"warm-up {name}", fn)
-    for r in range(args.rounds):
-        res["rounds"].append({name: timed(f"round {r + 1} {name}", fn) for name, fn in runs.items()})
+    if args.interleave:  # switching is cheap here: every round runs all three, against drifting machine load
+        load(stock_model, "stock: load the LoRA-merged clone")
+        timed("warm-up stock merged 10", merged)
+        for r in range(args.rounds):
+            rnd = {name: timed(f"round {r + 1} {name}", fn) for name, fn in runs.items()}
+            res["switch_to_merged_s"] = load(stock_model, "stock: load the LoRA-merged clone")
+            rnd["merged10"] = timed(f"round {r + 1} merged10", merged)
+            res["switch_back_s"] = load(base, "stock: back to the unmerged model")
+            res["rounds"].append(rnd)
+    else:
+        for r in range(args.rounds):
+            res["rounds"].append({name: timed(f"round {r + 1} {name}", fn) for name, fn in runs.items()})
     if not args.skip_base50:
         res["base50"] = timed("base 50 steps", lambda: stock(base, sig50))
-    res["switch_to_merged_s"] = load(stock_model, "stock: load the LoRA-merged clone")
-    timed("warm-up stock merged 10", lambda: stock(stock_model, sig10))
-    for r, rnd in enumerate(res["rounds"]):
-        rnd["merged10"] = timed(f"round {r + 1} merged10", lambda: stock(stock_model, sig10))
-    if not args.skip_switch_back:
-        res["switch_back_s"] = load(base, "stock: back to the unmerged model")
+    if args.generations:
+        res["generations"] = consecutive_generations(args.generations, glance, cuda)
+        log(f"  {args.generations} consecutive Glance generations: {res['generations']}")
+    if not args.interleave:  # one switch each way (tens of seconds at full size on a GPU)
+        res["switch_to_merged_s"] = load(stock_model, "stock: load the LoRA-merged clone")
+        timed("warm-up stock merged 10", merged)
+        for r, rnd in enumerate(res["rounds"]):
+            rnd["merged10"] = timed(f"round {r + 1} merged10", merged)
+        if not args.skip_switch_back:
+            res["switch_back_s"] = load(base, "stock: back to the unmerged model")
 
     pair = pair_of(glance_model)
     res["pair_bytes"] = sum(a.nbytes for a in pair.adapters.values())
+    if weights != "fp8":
+        res["merge_probe"] = merge_probe(pair.adapters["slow"], device)
+        log(f"  merge probe (slow LoRA): {res['merge_probe']}")
     med = {k: statistics.median(r[k][0] for r in res["rounds"]) for k in ("base10", "glance10", "merged10")}
     peak = {k: max(r[k][1] for r in res["rounds"]) for k in ("base10", "glance10", "merged10")}
     res["median_s"], res["peak_bytes"] = med, peak
@@ -212,6 +281,11 @@ def bench_format(args, weights, device, loras, pack):
         res["base50_vs_base10"] = res["base50"][0] / med["base10"]
     res["peak_glance_minus_merged_bytes"] = peak["glance10"] - peak["merged10"]
     res["report"] = report
+    if args.compile:  # what dynamo did for this format: graph breaks and compiled frames
+        from torch._dynamo.utils import counters
+        res["dynamo"] = {"graph_breaks": sum(counters["graph_break"].values()),
+                         "frames": dict(counters["frames"]), "unique_graphs": counters["stats"]["unique_graphs"]}
+        log(f"  dynamo: {res['dynamo']}")
     # Free the device without ComfyUI's unload (which would first copy the whole model to the offload device).
     mm.current_loaded_models.clear()
     del base, glance_model, stock_model, pair
@@ -245,7 +319,16 @@ def print_table(args, device, results):
             ("base 50 / base 10", lambda r: f"{r['base50_vs_base10']:.2f}x" if "base50" in r else "-"),
             ("peak Glance - merged (target <= 1.1 x pair)",
              lambda r: f"{r['peak_glance_minus_merged_bytes'] / 2**20:+.0f} MiB <= "
-                       f"{1.1 * r['pair_bytes'] / 2**20:.0f}")]
+                       f"{1.1 * r['pair_bytes'] / 2**20:.0f}"),
+            ("generations after the first: loads / weights patched (target 0 / 0)",
+             lambda r: "{loads_after_first} / {weights_patched_after_first}".format(**r["generations"])
+             if "generations" in r else "-"),
+            ("memory growth over those generations",
+             lambda r: f"{r['generations']['memory_growth_MiB']:+.1f} MiB" if "generations" in r else "-"),
+            ("merge probe: one addmm pass over the adapted weights",
+             lambda r: f"{r['merge_probe']['merge_pass_s'] * 1e3:.1f} ms" if "merge_probe" in r else "-"),
+            ("merge probe: elements not restored exactly by unmerging",
+             lambda r: f"{100 * r['merge_probe']['roundtrip_mismatch_frac']:.2f} %" if "merge_probe" in r else "-")]
     print(f"| run | {' | '.join(cols)} |\n|---|{'---:|' * len(cols)}")
     for name, fn in rows:
         print(f"| {name} | {' | '.join(fn(r) for r in results)} |")
@@ -267,6 +350,12 @@ def main():
                     help="run every model through ComfyUI's torch.compile wrapper (inductor)")
     ap.add_argument("--skip-base50", action="store_true", help="skip the 50-step base run")
     ap.add_argument("--skip-switch-back", action="store_true", help="skip timing the stock switch back")
+    ap.add_argument("--generations", type=int, default=None,
+                    help="consecutive Glance generations checked for reloads and memory growth (default 10 on "
+                         "CPU, 0 on a GPU)")
+    ap.add_argument("--interleave", action=argparse.BooleanOptionalAction, default=None,
+                    help="run base, Glance and stock merged in every round, switching the stock merge each round "
+                         "(default on CPU; off on a GPU, where one switch takes tens of seconds)")
     ap.add_argument("--json", help="write the results here")
     args = ap.parse_args()
     want = "cuda" if args.device == "auto" and torch.cuda.is_available() else args.device
@@ -279,6 +368,10 @@ def main():
     if want == "cuda" and not torch.cuda.is_available():
         raise SystemExit("--device cuda: no CUDA device visible to torch")
 
+    if args.interleave is None:
+        args.interleave = want != "cuda"
+    if args.generations is None:
+        args.generations = 0 if want == "cuda" else 10
     mm = start_comfy(want)
     device = mm.get_torch_device()
     pack = comfy_runtime.load_pack()  # registers glance_pack.*

@@ -137,7 +137,8 @@ def _branched(cls):
     sub = _SUBCLASSES.get(cls)
     if sub is None:
         def forward(self, *args, **kwargs):
-            return _apply(getattr(self, _SLOT), args[0], cls.forward(self, *args, **kwargs))
+            x = args[0] if args else next(iter(kwargs.values()))  # a linear layer's one input
+            return _apply(getattr(self, _SLOT), x, cls.forward(self, *args, **kwargs))
         sub = type(cls.__name__, (cls,), {"forward": forward, "__module__": cls.__module__,
                                            "__qualname__": f"{cls.__qualname__}[glance]"})
         _SUBCLASSES[cls], _ORIGINAL[sub] = sub, cls
