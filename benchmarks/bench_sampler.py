@@ -1,11 +1,17 @@
-"""GlanceSampler against stock ComfyUI sampling on one real-width Qwen-Image block, on CPU.
+"""GlanceSampler against stock ComfyUI sampling on Qwen-Image at real width, CPU or GPU, one process.
 
-Targets (issue 3): Glance 10 steps <= 1.05x a stock 10-step sample with one merged LoRA; >= 4.75x faster
-than a stock 50-step sample; peak memory <= stock + 1.1x the pair's size; 20 consecutive generations with
-no reload after the first and no memory growth.
+Side by side, per weight format: base model 10 steps, GlanceSampler with a rank-32 official-layout pair
+10 steps, stock sampler with one LoRA merged (ComfyUI's LoraLoader path) 10 steps, base model 50 steps,
+the time ComfyUI takes to switch to the merged clone and back, and peak memory of each run. Random
+weights (built directly on the device), euler, CFG 5 by default (cond and uncond in one batch).
 
-    python benchmarks/bench_sampler.py            # about 5 minutes on 2 cores
-    python benchmarks/bench_sampler.py --quick    # smaller latent, for a smoke run
+Targets (issue 11): Glance 10 <= 1.03x stock merged 10 (eager), <= 1.02x (both compiled);
+base 50 / Glance 10 >= 4.9x; peak memory <= stock + 1.1x the pair.
+
+    python benchmarks/bench_sampler.py --layers 1 --size 256 --rounds 1           # CPU smoke run
+    python benchmarks/bench_sampler.py                                           # CPU, one block, 512 px
+    python benchmarks/bench_sampler.py --layers 60 --size 1024 --weights bf16,fp8  # full size (GPU)
+    python benchmarks/bench_sampler.py ... --compile   # every model through ComfyUI's torch.compile wrapper
 """
 import argparse
 import gc
@@ -24,6 +30,14 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(HERE, "..", "tests"))
 import comfy_runtime  # noqa: E402
 import lora_files as lf  # noqa: E402
+
+WEIGHTS = {"fp32": (torch.float32, None), "bf16": (torch.bfloat16, None),
+           "fp8": (torch.float8_e4m3fn, torch.bfloat16)}  # (storage dtype, manual-cast compute dtype)
+DIM, MLP, MOD, CONTEXT = 3072, 12288, 18432, 3584  # Qwen-Image's real widths
+
+
+def log(msg):
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
 
 
 class PeakRSS:
@@ -46,99 +60,88 @@ class PeakRSS:
         self.peak = max(self.peak, self.proc.memory_info().rss)
 
 
-def main():
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--size", type=int, default=512, help="image size in pixels (default 512)")
-    ap.add_argument("--rounds", type=int, default=2, help="timed rounds of the 10-step comparison (default 2)")
-    ap.add_argument("--generations", type=int, default=20, help="consecutive generations to check (default 20)")
-    ap.add_argument("--rank", type=int, default=32, help="LoRA rank (official Qwen-Image: 32)")
-    ap.add_argument("--quick", action="store_true", help="256 px, 1 round, 5 generations")
-    ap.add_argument("--json", help="also write the results here")
-    args = ap.parse_args()
-    if args.quick:
-        args.size, args.rounds, args.generations = 256, 1, 5
+class PeakCUDA:
+    """Peak allocated GPU memory while the block runs."""
 
-    base_dir = tempfile.mkdtemp(prefix="glance_bench_")
-    comfy_runtime.start(base_dir)
-    pack = comfy_runtime.load_pack()  # noqa: F841  (registers glance_pack.*)
+    def __enter__(self):
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        return self
+
+    def __exit__(self, *exc):
+        torch.cuda.synchronize()
+        self.peak = torch.cuda.max_memory_allocated()
+
+
+def start_comfy(device):
+    """Start ComfyUI in this process on `device` (tests/comfy_runtime starts it with --cpu)."""
+    path, where = comfy_runtime.find_comfyui()
+    if path is None:
+        raise SystemExit(f"{where}: {comfy_runtime.HOW_TO}")
+    if path not in sys.path:
+        sys.path.insert(0, path)
+    from comfy.cli_args import args
+    args.cpu = device == "cpu"
+    import utils.install_util  # noqa: F401  (before `nodes` shadows ComfyUI's utils package)
+    import comfy.model_management as mm  # device state is decided here, from args.cpu
+    comfy_runtime.start(tempfile.mkdtemp(prefix="glance_bench_"))  # folders; already-imported devices stay
+    args.cpu = device == "cpu"
+    return mm
+
+
+def build_qwen(layers, weights, device, seed=0):
+    """ComfyUI's Qwen-Image at real width with `layers` blocks, random weights made on `device` in `weights`."""
     import comfy.model_management as mm
     import comfy.model_patcher
-    import comfy.sample
-    import comfy.samplers
-    import comfy.sd
-    import comfy.utils
-    from glance_pack.glance_core.families import get_family
-    from glance_pack.nodes.loader_node import load_pair
-    from glance_pack.nodes.pair import pair_of
-    from glance_pack.nodes.sampler_node import GlanceSampler
+    import comfy.supported_models as sm
+    config = sm.QwenImage({"image_model": "qwen_image", "num_layers": layers})
+    config.set_inference_dtype(*WEIGHTS[weights])  # what ComfyUI does when it loads a checkpoint of this dtype
+    model = config.get_model({}, device=device)
+    gen = torch.Generator(device=device).manual_seed(seed)
+    make = torch.float32 if weights == "fp32" else torch.bfloat16
+    with torch.no_grad():
+        for p in model.diffusion_model.parameters():  # scaled so activations stay O(1) through a block
+            p.copy_(torch.randn(p.shape, generator=gen, device=device, dtype=make)
+                    .mul_(0.5 / max(1, p.shape[-1]) ** 0.5))
+    return comfy.model_patcher.ModelPatcher(model, load_device=mm.get_torch_device(),
+                                            offload_device=mm.unet_offload_device())
 
-    comfy.utils.PROGRESS_BAR_ENABLED = False
-    print(f"building one Qwen-Image block at real width (3072 / 12288 / 18432), fp32, {torch.get_num_threads()} "
-          f"threads ...", flush=True)
-    base = comfy_runtime.qwen_block_model()
-    params = sum(p.numel() for p in base.model.diffusion_model.parameters())
-    loras = comfy_runtime.loras_dir()
-    for phase, seed in (("slow", 1), ("fast", 2)):
-        lf.write(os.path.join(loras, f"bench_{phase}.safetensors"),
-                 lf.official_qwen_tensors(blocks=1, rank=args.rank, dim=3072, mlp=12288, mod=18432, seed=seed))
-    file_bytes = sum(os.path.getsize(os.path.join(loras, f"bench_{p}.safetensors")) for p in ("slow", "fast"))
-    glance_model, report = load_pair(base, "bench_slow.safetensors", "bench_fast.safetensors", 1.0, 1.0,
-                                     "as trained")
-    stock_model, _ = comfy.sd.load_lora_for_models(
-        base, None, comfy.utils.load_torch_file(os.path.join(loras, "bench_slow.safetensors")), 1.0, 0)
 
-    ctx = torch.randn(1, 32, 3584, generator=torch.Generator().manual_seed(0))
-    pos, neg = [[ctx, {}]], [[ctx * 0, {}]]
-    fam = get_family("qwen-image")
+def compiled(model):
+    """A clone of MODEL going through ComfyUI's own torch.compile wrapper (what TorchCompileModel does)."""
+    from comfy_api.torch_helpers import set_torch_compile_wrapper
+    m = model.clone()
+    set_torch_compile_wrapper(model=m, backend="inductor")
+    return m
 
-    def latent(px):
-        return {"samples": torch.zeros(1, 16, 1, px // 8, px // 8)}
 
-    def stock(model, steps_sigmas, px):
-        lat = comfy.sample.fix_empty_latent_channels(model, latent(px)["samples"])
-        noise = comfy.sample.prepare_noise(lat, 0)
-        return comfy.sample.sample_custom(model, noise, 1.0, comfy.samplers.sampler_object("euler"), steps_sigmas,
-                                          pos, neg, lat, seed=0, disable_pbar=True)
-
-    def glance(px):
-        return GlanceSampler.execute(model=glance_model, positive=pos, negative=neg, latent_image=latent(px), seed=0,
-                                     cfg=1.0, sampler_name="euler", mode="consistent", family="auto", base_steps=50,
-                                     slow_steps=5, slow_stride=2, fast_steps=5).result[0]["samples"]
-
-    from glance_pack.glance_core.schedule import build_schedule
-    sig10 = torch.tensor(build_schedule("qwen-image", args.size, args.size).sigmas)
-    sig50 = torch.tensor(fam.base_sigmas(50, args.size, args.size) + [0.0])
-
-    def timed(fn):
-        gc.collect()
-        with PeakRSS() as mem:
+def merge_probe(adapter, device):
+    """What merging an adapter into the weights would cost: one in-dtype addmm pass over every adapted
+    weight (seconds), and the fraction of weight elements that merging then unmerging the same delta does
+    not give back bit-exactly (what a no-drift merge would have to store or recompute)."""
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    total, changed, elems = 0.0, 0, 0
+    for module, entry in adapter._for(device, next(iter(adapter.branches)).weight.dtype).items():
+        w = module.weight
+        for p in entry.pieces:
+            rows = w[p.offset:p.offset + p.length]
+            up, down = p.up.to(w.dtype), entry.down[p.r0:p.r1].to(w.dtype)
+            sync()
             t = time.perf_counter()
-            fn()
-            dt = time.perf_counter() - t
-        return dt, mem.peak
+            merged = torch.addmm(rows, up, down)
+            sync()
+            total += time.perf_counter() - t
+            changed += int((torch.addmm(merged, up, down, alpha=-1) != rows).sum())
+            elems += rows.numel()
+            del merged
+    return {"merge_pass_s": total, "roundtrip_mismatch_frac": changed / max(1, elems), "weights": elems}
 
-    res = {"size": args.size, "params_M": params / 1e6, "rank": args.rank, "pair_file_MB": file_bytes / 2**20,
-           "threads": torch.get_num_threads(), "rounds": []}
-    small = 64  # warm-up size: loads and merges once, so the timed runs compare sampling in a steady state
-    for r in range(args.rounds):
-        stock(stock_model, torch.tensor(build_schedule("qwen-image", small, small).sigmas), small)
-        t_stock, m_stock = timed(lambda: stock(stock_model, sig10, args.size))
-        glance(small)
-        t_glance, m_glance = timed(lambda: glance(args.size))
-        res["rounds"].append({"stock10_s": t_stock, "glance10_s": t_glance, "ratio": t_glance / t_stock,
-                              "stock10_peak_MB": m_stock / 2**20, "glance10_peak_MB": m_glance / 2**20})
-        print(f"round {r + 1}: stock 10 steps + merged LoRA {t_stock:.2f} s (peak {m_stock / 2**20:.0f} MB) | "
-              f"Glance 10 steps {t_glance:.2f} s (peak {m_glance / 2**20:.0f} MB) | ratio {t_glance / t_stock:.3f}",
-              flush=True)
-    t50, m50 = timed(lambda: stock(base, sig50, args.size))
-    print(f"stock 50 steps, base model: {t50:.2f} s (peak {m50 / 2**20:.0f} MB)", flush=True)
-    pair = pair_of(glance_model)
-    pair_bytes = sum(a.nbytes for a in pair.adapters.values())
 
-    # Consecutive generations: count weight patching and model (re)loads after the first, and RSS.
-    patched, loads = [], []
-    orig_patch = comfy.model_patcher.ModelPatcher.patch_weight_to_device
-    orig_load = comfy.model_patcher.ModelPatcher.load
+def consecutive_generations(n, glance, cuda):
+    """n Glance generations in a row: model (re)loads and weight patches after the first, memory growth."""
+    import comfy.model_patcher as mp
+    patched, loads, mem = [], [], []
+    orig_patch, orig_load = mp.ModelPatcher.patch_weight_to_device, mp.ModelPatcher.load
 
     def spy_patch(self, key, *a, **k):
         if key in self.patches:
@@ -148,53 +151,249 @@ def main():
     def spy_load(self, *a, **k):
         loads.append(1)
         return orig_load(self, *a, **k)
-    comfy.model_patcher.ModelPatcher.patch_weight_to_device = spy_patch
-    comfy.model_patcher.ModelPatcher.load = spy_load
-    gen_px = 128
-    rss, times, reloads = [], [], []
-    mm.unload_all_models()
-    for g in range(args.generations):
-        n_before = len(loads)
-        t = time.perf_counter()
-        glance(gen_px)
-        times.append(time.perf_counter() - t)
-        reloads.append(len(loads) - n_before)
-        gc.collect()
-        rss.append(psutil.Process().memory_info().rss / 2**20)
-    comfy.model_management.unload_all_models()
+    mp.ModelPatcher.patch_weight_to_device, mp.ModelPatcher.load = spy_patch, spy_load
+    try:
+        for g in range(n):
+            if g == 1:
+                n_loads, n_patched = len(loads), len(patched)
+            glance()
+            gc.collect()
+            mem.append(torch.cuda.memory_allocated() if cuda else psutil.Process().memory_info().rss)
+    finally:
+        mp.ModelPatcher.patch_weight_to_device, mp.ModelPatcher.load = orig_patch, orig_load
+    return {"loads_after_first": len(loads) - n_loads if n > 1 else 0,
+            "weights_patched_after_first": len(patched) - n_patched if n > 1 else 0,
+            "memory_growth_MiB": (mem[-1] - mem[0]) / 2**20}
 
-    ratios = [r["ratio"] for r in res["rounds"]]
-    t_stock10 = statistics.median(r["stock10_s"] for r in res["rounds"])
-    t_glance10 = statistics.median(r["glance10_s"] for r in res["rounds"])
-    peak_stock = max(r["stock10_peak_MB"] for r in res["rounds"])
-    peak_glance = max(r["glance10_peak_MB"] for r in res["rounds"])
-    res.update({
-        "glance_vs_stock10": statistics.median(ratios), "stock50_s": t50, "stock50_peak_MB": m50 / 2**20,
-        "speedup_vs_stock50": t50 / t_glance10, "pair_in_memory_MB": pair_bytes / 2**20,
-        "peak_glance_minus_stock_MB": peak_glance - peak_stock,
-        "generations": args.generations, "generation_px": gen_px, "reloads_after_first": sum(reloads[1:]),
-        "weights_patched": len(patched), "rss_first_MB": rss[0], "rss_last_MB": rss[-1],
-        "rss_growth_MB": rss[-1] - rss[0], "gen_time_first_s": times[0], "gen_time_median_s": statistics.median(times),
-    })
-    print("\n" + report)
-    print(f"\nResults ({args.size}x{args.size}, one Qwen-Image block, {params / 1e6:.0f}M params, fp32 CPU, "
-          f"{res['threads']} threads, cfg 1):")
-    rows = [
-        ("Glance 10 / stock 10 + merged LoRA (median)", f"{res['glance_vs_stock10']:.3f}x", "<= 1.05x"),
-        ("stock 50 / Glance 10", f"{res['speedup_vs_stock50']:.2f}x", ">= 4.75x"),
-        ("peak RSS Glance - stock 10 (MB)", f"{res['peak_glance_minus_stock_MB']:+.0f}",
-         f"<= 1.1 x pair = {1.1 * res['pair_in_memory_MB']:.0f}"),
-        (f"reloads after the first of {args.generations} generations", str(res["reloads_after_first"]), "0"),
-        ("weights patched in those generations", str(res["weights_patched"]), "0"),
-        (f"RSS growth over {args.generations} generations (MB)", f"{res['rss_growth_MB']:+.1f}", "~0"),
-    ]
-    for name, val, target in rows:
-        print(f"  {name:55s} {val:>10s}   target {target}")
-    print(f"  (stock 10: {t_stock10:.2f} s, Glance 10: {t_glance10:.2f} s, stock 50: {t50:.2f} s; pair "
-          f"{res['pair_file_MB']:.1f} MB on disk (bf16), {res['pair_in_memory_MB']:.1f} MB in memory (fp32))")
-    if args.json:
-        with open(args.json, "w") as fh:
-            json.dump(res, fh, indent=2)
+
+def bench_format(args, weights, device, loras, pack):
+    import comfy.model_management as mm
+    import comfy.sample
+    import comfy.samplers
+    import comfy.sd
+    import comfy.utils
+    from glance_pack.glance_core.families import get_family
+    from glance_pack.glance_core.schedule import build_schedule
+    from glance_pack.nodes.loader_node import load_pair
+    from glance_pack.nodes.pair import pair_of
+    from glance_pack.nodes.sampler_node import GlanceSampler
+
+    cuda = device.type == "cuda"
+    t = time.perf_counter()
+    base = build_qwen(args.layers, weights, device)
+    params = sum(p.numel() for p in base.model.diffusion_model.parameters())
+    log(f"{weights}: built {args.layers} block(s), {params / 1e9:.2f}B params on {device} in "
+        f"{time.perf_counter() - t:.1f} s")
+    if args.compile:
+        base = compiled(base)
+    glance_model, report = load_pair(base, "bench_slow.safetensors", "bench_fast.safetensors", 1.0, 1.0,
+                                     "as trained")
+    stock_model, _ = comfy.sd.load_lora_for_models(
+        base, None, comfy.utils.load_torch_file(os.path.join(loras, "bench_slow.safetensors")), 1.0, 0)
+
+    gen = torch.Generator().manual_seed(0)
+    ctx = torch.randn(1, args.tokens, CONTEXT, generator=gen)
+    pos, neg = [[ctx, {}]], [[torch.randn(1, args.tokens, CONTEXT, generator=gen), {}]]
+    px = args.size
+    lat = torch.zeros(1, 16, 1, px // 8, px // 8)
+    sig10 = torch.tensor(build_schedule("qwen-image", px, px).sigmas)
+    sig50 = torch.tensor(get_family("qwen-image").base_sigmas(50, px, px) + [0.0])
+
+    def stock(model, sigmas):
+        x = comfy.sample.fix_empty_latent_channels(model, lat)
+        noise = comfy.sample.prepare_noise(x, 0)
+        return comfy.sample.sample_custom(model, noise, args.cfg, comfy.samplers.sampler_object("euler"), sigmas,
+                                          pos, neg, x, seed=0, disable_pbar=True)
+
+    def glance():
+        return GlanceSampler.execute(model=glance_model, positive=pos, negative=neg, latent_image={"samples": lat},
+                                     seed=0, cfg=args.cfg, sampler_name="euler", mode="consistent", family="auto",
+                                     base_steps=50, slow_steps=5, slow_stride=2, fast_steps=5).result[0]["samples"]
+
+    def timed(label, fn):
+        gc.collect()
+        with (PeakCUDA() if cuda else PeakRSS()) as mem:
+            t0 = time.perf_counter()
+            out = fn()
+            if cuda:
+                torch.cuda.synchronize()
+            dt = time.perf_counter() - t0
+        if not torch.isfinite(out).all():
+            log(f"  note: {label} output has non-finite values (random weights); timing is still valid")
+        log(f"  {label}: {dt:.2f} s, peak {mem.peak / 2**30:.2f} GiB")
+        return dt, mem.peak
+
+    def load(model, label):
+        if cuda:
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        mm.load_models_gpu([model], force_full_load=True)  # weights made on the device: never a partial load
+        if cuda:
+            torch.cuda.synchronize()
+        dt = time.perf_counter() - t0
+        log(f"  {label}: {dt:.2f} s")
+        return dt
+
+    runs = {"base10": lambda: stock(base, sig10), "glance10": glance}
+    merged = lambda: stock(stock_model, sig10)  # noqa: E731
+    res = {"weights": weights, "params_B": params / 1e9, "rounds": [], "interleaved": args.interleave}
+    res["load_base_s"] = load(base, "load base model")
+    log("warm-up (base 10, Glance 10; compiles here with --compile)")
+    for name, fn in runs.items():
+        timed(f"warm-up {name}", fn)
+    if args.interleave:  # switching is cheap here: every round runs all three, against drifting machine load
+        load(stock_model, "stock: load the LoRA-merged clone")
+        timed("warm-up stock merged 10", merged)
+        for r in range(args.rounds):
+            rnd = {name: timed(f"round {r + 1} {name}", fn) for name, fn in runs.items()}
+            res["switch_to_merged_s"] = load(stock_model, "stock: load the LoRA-merged clone")
+            rnd["merged10"] = timed(f"round {r + 1} merged10", merged)
+            res["switch_back_s"] = load(base, "stock: back to the unmerged model")
+            res["rounds"].append(rnd)
+    else:
+        for r in range(args.rounds):
+            res["rounds"].append({name: timed(f"round {r + 1} {name}", fn) for name, fn in runs.items()})
+    if not args.skip_base50:
+        res["base50"] = timed("base 50 steps", lambda: stock(base, sig50))
+    if args.generations:
+        res["generations"] = consecutive_generations(args.generations, glance, cuda)
+        log(f"  {args.generations} consecutive Glance generations: {res['generations']}")
+    if not args.interleave:  # one switch each way (tens of seconds at full size on a GPU)
+        res["switch_to_merged_s"] = load(stock_model, "stock: load the LoRA-merged clone")
+        timed("warm-up stock merged 10", merged)
+        for r, rnd in enumerate(res["rounds"]):
+            rnd["merged10"] = timed(f"round {r + 1} merged10", merged)
+        if not args.skip_switch_back:
+            res["switch_back_s"] = load(base, "stock: back to the unmerged model")
+
+    pair = pair_of(glance_model)
+    res["pair_bytes"] = sum(a.nbytes for a in pair.adapters.values())
+    if weights != "fp8":
+        res["merge_probe"] = merge_probe(pair.adapters["slow"], device)
+        log(f"  merge probe (slow LoRA): {res['merge_probe']}")
+    med = {k: statistics.median(r[k][0] for r in res["rounds"]) for k in ("base10", "glance10", "merged10")}
+    peak = {k: max(r[k][1] for r in res["rounds"]) for k in ("base10", "glance10", "merged10")}
+    res["median_s"], res["peak_bytes"] = med, peak
+    res["glance_vs_merged10"] = med["glance10"] / med["merged10"]
+    res["glance_vs_base10"] = med["glance10"] / med["base10"]
+    if "base50" in res:
+        res["base50_vs_glance10"] = res["base50"][0] / med["glance10"]
+        res["base50_vs_base10"] = res["base50"][0] / med["base10"]
+    res["peak_glance_minus_merged_bytes"] = peak["glance10"] - peak["merged10"]
+    res["report"] = report
+    if args.compile:  # what dynamo did for this format: graph breaks and compiled frames
+        from torch._dynamo.utils import counters
+        res["dynamo"] = {"graph_breaks": sum(counters["graph_break"].values()),
+                         "frames": dict(counters["frames"]), "unique_graphs": counters["stats"]["unique_graphs"]}
+        log(f"  dynamo: {res['dynamo']}")
+    # Free the device without ComfyUI's unload (which would first copy the whole model to the offload device).
+    mm.current_loaded_models.clear()
+    del base, glance_model, stock_model, pair
+    gc.collect()
+    if cuda:
+        torch.cuda.empty_cache()
+    return res
+
+
+def print_table(args, device, results):
+    cols = [r["weights"] for r in results]
+    mem = "GPU memory" if device.type == "cuda" else "RSS"
+    print(f"\nResults: Qwen-Image {args.layers} block(s) at real width, {args.size}x{args.size}, CFG {args.cfg}, "
+          f"euler, rank-{args.rank} official-layout pair, {'compiled' if args.compile else 'eager'}, "
+          f"{torch.cuda.get_device_name(device) if device.type == 'cuda' else f'CPU {torch.get_num_threads()} threads'}")
+    rows = [("base model, 10 steps", lambda r: f"{r['median_s']['base10']:.2f} s"),
+            ("Glance pair, 10 steps (GlanceSampler)", lambda r: f"{r['median_s']['glance10']:.2f} s"),
+            ("stock, one LoRA merged, 10 steps", lambda r: f"{r['median_s']['merged10']:.2f} s"),
+            ("base model, 50 steps", lambda r: f"{r['base50'][0]:.2f} s" if "base50" in r else "-"),
+            ("stock: loading a LoRA-merged clone", lambda r: f"{r['switch_to_merged_s']:.2f} s"),
+            ("stock: back to the unmerged model",
+             lambda r: f"{r['switch_back_s']:.2f} s" if "switch_back_s" in r else "-"),
+            (f"peak {mem}: base 10", lambda r: f"{r['peak_bytes']['base10'] / 2**30:.2f} GiB"),
+            (f"peak {mem}: Glance 10", lambda r: f"{r['peak_bytes']['glance10'] / 2**30:.2f} GiB"),
+            (f"peak {mem}: merged 10", lambda r: f"{r['peak_bytes']['merged10'] / 2**30:.2f} GiB"),
+            ("Glance 10 / merged 10 (target <= 1.03 eager, 1.02 compiled)",
+             lambda r: f"{r['glance_vs_merged10']:.3f}x"),
+            ("Glance 10 / base 10", lambda r: f"{r['glance_vs_base10']:.3f}x"),
+            ("base 50 / Glance 10 (target >= 4.9)",
+             lambda r: f"{r['base50_vs_glance10']:.2f}x" if "base50" in r else "-"),
+            ("base 50 / base 10", lambda r: f"{r['base50_vs_base10']:.2f}x" if "base50" in r else "-"),
+            ("peak Glance - merged (target <= 1.1 x pair)",
+             lambda r: f"{r['peak_glance_minus_merged_bytes'] / 2**20:+.0f} MiB <= "
+                       f"{1.1 * r['pair_bytes'] / 2**20:.0f}"),
+            ("generations after the first: loads / weights patched (target 0 / 0)",
+             lambda r: "{loads_after_first} / {weights_patched_after_first}".format(**r["generations"])
+             if "generations" in r else "-"),
+            ("memory growth over those generations",
+             lambda r: f"{r['generations']['memory_growth_MiB']:+.1f} MiB" if "generations" in r else "-"),
+            ("merge probe: one addmm pass over the adapted weights",
+             lambda r: f"{r['merge_probe']['merge_pass_s'] * 1e3:.1f} ms" if "merge_probe" in r else "-"),
+            ("merge probe: elements not restored exactly by unmerging",
+             lambda r: f"{100 * r['merge_probe']['roundtrip_mismatch_frac']:.2f} %" if "merge_probe" in r else "-")]
+    print(f"| run | {' | '.join(cols)} |\n|---|{'---:|' * len(cols)}")
+    for name, fn in rows:
+        print(f"| {name} | {' | '.join(fn(r) for r in results)} |")
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--layers", type=int, default=1, help="Qwen-Image blocks (real model: 60; default 1)")
+    ap.add_argument("--size", type=int, default=512, help="image size in pixels (default 512)")
+    ap.add_argument("--weights", default=None,
+                    help="comma-separated weight formats among fp32, bf16, fp8 (fp8_e4m3fn cast to bf16), each "
+                         "measured in turn; default fp32 on CPU, bf16 on a GPU")
+    ap.add_argument("--device", default="auto", help="cpu, cuda or auto (cuda when available)")
+    ap.add_argument("--cfg", type=float, default=5.0, help="CFG scale (default 5: cond and uncond in one batch)")
+    ap.add_argument("--tokens", type=int, default=32, help="text tokens of the random conditioning (default 32)")
+    ap.add_argument("--rounds", type=int, default=2, help="timed rounds after the warm-up (default 2)")
+    ap.add_argument("--rank", type=int, default=32, help="LoRA rank (official Qwen-Image: 32)")
+    ap.add_argument("--compile", action="store_true",
+                    help="run every model through ComfyUI's torch.compile wrapper (inductor)")
+    ap.add_argument("--skip-base50", action="store_true", help="skip the 50-step base run")
+    ap.add_argument("--skip-switch-back", action="store_true", help="skip timing the stock switch back")
+    ap.add_argument("--generations", type=int, default=None,
+                    help="consecutive Glance generations checked for reloads and memory growth (default 10 on "
+                         "CPU, 0 on a GPU)")
+    ap.add_argument("--interleave", action=argparse.BooleanOptionalAction, default=None,
+                    help="run base, Glance and stock merged in every round, switching the stock merge each round "
+                         "(default on CPU; off on a GPU, where one switch takes tens of seconds)")
+    ap.add_argument("--json", help="write the results here")
+    args = ap.parse_args()
+    want = "cuda" if args.device == "auto" and torch.cuda.is_available() else args.device
+    if want == "auto":
+        want = "cpu"
+    formats = (args.weights or ("bf16" if want == "cuda" else "fp32")).split(",")
+    bad = [f for f in formats if f not in WEIGHTS]
+    if bad:
+        raise SystemExit(f"--weights: unknown format(s) {bad}; choose among {list(WEIGHTS)}")
+    if want == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda: no CUDA device visible to torch")
+
+    if args.interleave is None:
+        args.interleave = want != "cuda"
+    if args.generations is None:
+        args.generations = 0 if want == "cuda" else 10
+    mm = start_comfy(want)
+    device = mm.get_torch_device()
+    pack = comfy_runtime.load_pack()  # registers glance_pack.*
+    import comfy.utils
+    comfy.utils.PROGRESS_BAR_ENABLED = False
+    log(f"device {device}, weights {formats}, {args.layers} layer(s), {args.size} px, CFG {args.cfg}, "
+        f"compile {args.compile}, torch {torch.__version__}")
+
+    loras = comfy_runtime.loras_dir()
+    t = time.perf_counter()
+    for phase, seed in (("slow", 1), ("fast", 2)):
+        lf.write(os.path.join(loras, f"bench_{phase}.safetensors"),
+                 lf.official_qwen_tensors(blocks=args.layers, rank=args.rank, dim=DIM, mlp=MLP, mod=MOD, seed=seed))
+    log(f"wrote the rank-{args.rank} pair in {time.perf_counter() - t:.1f} s")
+    results = []
+    for weights in formats:
+        results.append(bench_format(args, weights, device, loras, pack))
+        if args.json:  # after each format: a run cut short still leaves its results
+            with open(args.json, "w") as fh:
+                json.dump({"args": vars(args), "device": str(device), "results": results}, fh, indent=2)
+        print_table(args, device, results)
+    print("\n" + results[-1]["report"])
 
 
 if __name__ == "__main__":

@@ -1,17 +1,52 @@
 """Run-time LoRA branches on torch modules, switched per model call without touching any weight.
 
-Each adapted module gets one forward hook that adds  scale * B(A x)  to its output (or to a slice of
-it, for fused layers such as FLUX's qkv) for the adapters active in the current context. Nothing is
-merged, so switching between the slow and the fast adapter is free, the base weights stay bit-exact,
-and other patches merged into the weights (stock LoRAs) stack underneath.
+While adapters are active (`active`), each module they adapt runs as a subclass of its own class whose
+forward adds  scale * B(A x)  to its output (or to a slice of it, for fused layers such as FLUX's qkv);
+when the block ends the module gets its own class back. So:
+- modules outside a Glance call are untouched: clones of the model without a pair pay nothing;
+- torch.compile guards on a module's class, so a graph traced without the branches is never reused with
+  them (compile before or after attaching a pair, paired and unpaired clones of one model) and the
+  branch code has no graph break (no context variable, no hook, no counter inside the traced code);
+- the branch tensors sit on a per-module slot read as graph inputs: Slow and Fast swap tensors, not code,
+  so a compiled graph is reused across steps, phases and generations without recompiling.
+Nothing is merged, so the base weights stay bit-exact and the branch is applied exactly in any weight
+format (fp8 with manual cast, GGUF, layers ComfyUI offloads), and stock LoRAs merged into the weights
+stack underneath. The slots are per module, not per thread: one model call at a time per model.
 """
 import contextlib
 import contextvars
+from typing import NamedTuple, Optional
 
 import torch
 
 _ACTIVE = contextvars.ContextVar("glance_active_adapters", default=())
-_HOOK_ATTR = "_glance_lora_hook"
+_SLOT = "_glance_slot"   # module attribute: tuple of (adapter, module, Prepared or None) while bound
+_SUBCLASSES = {}         # original module class -> its branched subclass
+_ORIGINAL = {}           # branched subclass -> original class
+
+
+class Branch(NamedTuple):
+    """One stored branch: output[..., offset:offset+length] += scale * up @ down @ x (length None: whole)."""
+    down: torch.Tensor
+    up: torch.Tensor
+    scale: float
+    offset: int = 0
+    length: Optional[int] = None
+
+
+class Piece(NamedTuple):
+    """One branch on the compute device: rows r0:r1 of the shared down output times `up` (scale folded in)."""
+    up: torch.Tensor
+    r0: int
+    r1: int
+    offset: int
+    length: int
+
+
+class Prepared(NamedTuple):
+    """A module's branches on one device and dtype: all downs stacked (one matmul), then one piece each."""
+    down: torch.Tensor
+    pieces: tuple
 
 
 class Adapter:
@@ -19,19 +54,18 @@ class Adapter:
 
     def __init__(self, name, trainable=False):
         self.name = name
-        self.trainable = trainable  # parameters change every step: rebuild device views each call, cache nothing
-        self.branches = {}  # module -> list of (down (r,in), up (len,r), scale, offset, length)
-        self.applied = 0    # module applications so far: how tests see that the adapter really ran
-        self._prepared = (None, None)  # ((device, dtype), {module: _prepare(...)})
+        self.trainable = trainable  # parameters change every step: build device views each call, cache nothing
+        self.branches = {}  # module -> list of Branch (never modified by running: what was loaded stays)
+        self.applied = 0    # module applications so far in eager runs: how tests see that the adapter ran
+        self._prepared = (None, None)  # ((device, dtype), {module: Prepared})
 
     def add(self, module, down, up, scale, offset=0, length=None):
         """Add a branch: output[..., offset:offset+length] += scale * up @ down @ x (length None: whole output)."""
         if down.dim() != 2 or up.dim() != 2 or up.shape[1] != down.shape[0]:
             raise ValueError(f"{self.name}: a run-time branch needs 2-D down/up of one rank, got "
                              f"{tuple(down.shape)} and {tuple(up.shape)}")
-        self.branches.setdefault(module, []).append((down, up, float(scale), offset, length))
+        self.branches.setdefault(module, []).append(Branch(down, up, float(scale), offset, length))
         self._prepared = (None, None)
-        install(module)
 
     @property
     def nbytes(self):
@@ -45,90 +79,117 @@ class Adapter:
     def freeze(self, storage="cpu"):
         """End training: keep detached copies on `storage`; the adapter becomes a plain (cached) inference one."""
         for bs in self.branches.values():
-            bs[:] = [(d.detach().to(storage).requires_grad_(False), u.detach().to(storage).requires_grad_(False), *rest)
-                     for d, u, *rest in bs]
+            bs[:] = [b._replace(down=b.down.detach().to(storage).requires_grad_(False),
+                                up=b.up.detach().to(storage).requires_grad_(False)) for b in bs]
         self.trainable = False
         self._prepared = (None, None)
 
     def _for(self, device, dtype):
+        """{module: Prepared} on device/dtype, cached for one device/dtype at a time (no growth)."""
         key, prepared = self._prepared
-        if key == (device, dtype):
-            return prepared
-        for module, branches in self.branches.items():
-            # Keep one copy only: where the branches already live on this device, convert them in place.
-            if all(b[0].device == device for b in branches):
-                branches[:] = [(d.to(dtype), u.to(dtype), *rest) for d, u, *rest in branches]
-        prepared = {m: _prepare(bs, device, dtype) for m, bs in self.branches.items()}
-        self._prepared = ((device, dtype), prepared)  # one device/dtype at a time: no growth
+        if key != (device, dtype):
+            # Copies: the stored tensors are never converted in place (a bf16 run must not change the pair).
+            prepared = {m: _prepare(bs, device, dtype) for m, bs in self.branches.items()}
+            self._prepared = ((device, dtype), prepared)
         return prepared
 
     def release(self):
         """Drop the device copies (they are rebuilt on the next call)."""
         self._prepared = (None, None)
 
-    def apply(self, module, x, out):
-        """Return `out` with this adapter's branches of `module` added (in place when no grad is needed)."""
-        if self.trainable:  # parameters change every step: build this module's view afresh, cache nothing
-            branches = self.branches.get(module)
-            entry = None if branches is None else _prepare(branches, out.device, out.dtype)
-        else:
-            entry = self._for(out.device, out.dtype).get(module)
-        if entry is None:
-            return out
-        self.applied += 1
-        a, pieces = entry
-        z = x.reshape(-1, x.shape[-1]).to(out.dtype) @ a.t()
-        if out.requires_grad or z.requires_grad or not out.is_contiguous():
-            delta = torch.zeros(out.numel() // out.shape[-1], out.shape[-1], device=out.device, dtype=out.dtype)
-            for b, scale, r0, r1, off, length in pieces:
-                delta[:, off:off + length] = scale * (z[:, r0:r1] @ b.t())
-            return out + delta.reshape(out.shape)
-        out2 = out.view(-1, out.shape[-1])
-        for b, scale, r0, r1, off, length in pieces:
-            out2[:, off:off + length].addmm_(z[:, r0:r1], b.t(), alpha=scale)  # no output-sized temporary
-        return out
-
 
 def _prepare(branches, device, dtype):
-    """(A_cat, [(B, scale, r0, r1, offset, length)]) of one module's branches on a device and dtype."""
+    """Prepared form of one module's branches on a device and dtype (differentiable for trainable ones)."""
     downs, pieces, r0 = [], [], 0
-    for down, up, scale, off, length in branches:
-        r = down.shape[0]
-        downs.append(down.to(device=device, dtype=dtype))
-        pieces.append((up.to(device=device, dtype=dtype), scale, r0, r0 + r, off,
-                       up.shape[0] if length is None else length))
+    wide = torch.promote_types(dtype, torch.float32)  # fold the scale in before rounding to `dtype`
+    for b in branches:
+        r = b.down.shape[0]
+        downs.append(b.down.to(device=device, dtype=dtype))
+        up = (b.up.to(device=device, dtype=wide) * b.scale).to(dtype)
+        pieces.append(Piece(up, r0, r0 + r, b.offset, b.up.shape[0] if b.length is None else b.length))
         r0 += r
-    return (torch.cat(downs, 0) if len(downs) > 1 else downs[0]), pieces
+    return Prepared(torch.cat(downs, 0) if len(downs) > 1 else downs[0], tuple(pieces))
 
 
-def _hook(module, args, out):
-    for adapter in _ACTIVE.get():
-        out = adapter.apply(module, args[0], out)
+def _apply(slot, x, out):
+    """`out` with the branches of every adapter in `slot` added (in place when no grad is needed)."""
+    for adapter, module, entry in slot:
+        if entry is None or entry.down.device != out.device or entry.down.dtype != out.dtype:
+            # Trainable adapters, or a layer computing elsewhere than announced: build this call's view.
+            entry = _prepare(adapter.branches[module], out.device, out.dtype)
+        if not torch.compiler.is_compiling():  # a Python counter inside a graph would recompile every call
+            adapter.applied += 1
+        z = x.reshape(-1, x.shape[-1]).to(out.dtype) @ entry.down.t()
+        if out.requires_grad or z.requires_grad or not out.is_contiguous():
+            delta = torch.zeros(out.numel() // out.shape[-1], out.shape[-1], device=out.device, dtype=out.dtype)
+            for p in entry.pieces:
+                delta[:, p.offset:p.offset + p.length] = z[:, p.r0:p.r1] @ p.up.t()
+            out = out + delta.reshape(out.shape)
+        else:
+            out2 = out.view(-1, out.shape[-1])
+            for p in entry.pieces:
+                out2[:, p.offset:p.offset + p.length].addmm_(z[:, p.r0:p.r1], p.up.t())  # no output-sized temp
     return out
 
 
-def install(module):
-    """Give a module the Glance forward hook (once; it does nothing while no adapter is active)."""
-    if getattr(module, _HOOK_ATTR, None) is None:
-        setattr(module, _HOOK_ATTR, module.register_forward_hook(_hook))
+def _branched(cls):
+    """The subclass of `cls` that adds the bound branches to every output."""
+    sub = _SUBCLASSES.get(cls)
+    if sub is None:
+        def forward(self, *args, **kwargs):
+            x = args[0] if args else next(iter(kwargs.values()))  # a linear layer's one input
+            return _apply(getattr(self, _SLOT), x, cls.forward(self, *args, **kwargs))
+        sub = type(cls.__name__, (cls,), {"forward": forward, "__module__": cls.__module__,
+                                           "__qualname__": f"{cls.__qualname__}[glance]"})
+        _SUBCLASSES[cls], _ORIGINAL[sub] = sub, cls
+    return sub
 
 
-def uninstall(module):
-    """Remove the hook from a module."""
-    handle = getattr(module, _HOOK_ATTR, None)
-    if handle is not None:
-        handle.remove()
-        setattr(module, _HOOK_ATTR, None)
+def _bind(adapters, touched, device, dtype):
+    """Give every module of `adapters` its branched class and slot, unbind the rest of `touched`; undo list."""
+    slots = {}
+    for ad in adapters:
+        prepared = None if ad.trainable or device is None else ad._for(device, dtype)
+        for m in ad.branches:
+            slots.setdefault(m, []).append((ad, m, None if prepared is None else prepared[m]))
+    undo = []
+    for m in {*touched, *slots}:
+        cls = type(m)
+        undo.append((m, cls, m.__dict__.get(_SLOT)))
+        base = _ORIGINAL.get(cls, cls)
+        if m in slots:
+            m.__class__ = _branched(base)
+            m.__dict__[_SLOT] = tuple(slots[m])
+        else:
+            m.__class__ = base
+            m.__dict__.pop(_SLOT, None)
+    return undo
+
+
+def _unbind(undo):
+    for m, cls, slot in undo:
+        m.__class__ = cls
+        if slot is None:
+            m.__dict__.pop(_SLOT, None)
+        else:
+            m.__dict__[_SLOT] = slot
 
 
 @contextlib.contextmanager
-def active(*adapters, replace=False):
-    """Within this block, model calls on this thread/task add the given adapters' branches (replace: only them)."""
+def active(*adapters, replace=False, device=None, dtype=None):
+    """Within this block, the adapted modules add the given adapters' branches (replace: only them).
+
+    device/dtype: where the model computes (its input device and compute dtype), to use cached copies of
+    the branches there; without them each call converts from the stored tensors (what training wants)."""
+    prev = _ACTIVE.get()
     new = tuple(a for a in adapters if a is not None)
-    token = _ACTIVE.set(new if replace else _ACTIVE.get() + new)
+    new = new if replace else prev + new
+    token = _ACTIVE.set(new)
+    undo = _bind(new, [m for a in prev for m in a.branches], device, dtype)
     try:
         yield
     finally:
+        _unbind(reversed(undo))
         _ACTIVE.reset(token)
 
 

@@ -1,5 +1,7 @@
 """A Glance pair on a ComfyUI MODEL: both LoRAs as run-time branches, switched per model call by sigma.
 
+The branches exist only inside this pair's model calls (glance_core.runtime swaps the adapted modules'
+class for the call), so clones of the model without the pair, compiled or not, run the plain model.
 No weight is patched, so ComfyUI's patches_uuid never changes: no reload between the phases or between
 generations, and stock LoRAs, CFGNorm and ModelSampling patches stack as usual.
 """
@@ -106,7 +108,9 @@ class GlancePair:
         phase = "slow" if sigma > self.boundary(x, transformer_options) else "fast"
         if self.trace is not None:
             self.trace.append((sigma, phase))
-        with runtime.active(self.adapters[phase]):
+        base_model = executor.class_obj  # comfy BaseModel: computes in its manual-cast dtype, else its own
+        dtype = base_model.manual_cast_dtype or base_model.get_dtype() or x.dtype
+        with runtime.active(self.adapters[phase], device=x.device, dtype=dtype):
             return executor(x, t, c_concat, c_crossattn, control, transformer_options, **kwargs)
 
 

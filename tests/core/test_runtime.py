@@ -53,24 +53,40 @@ def test_gradients_flow_through_the_branch():
     assert up.grad is not None and up.grad.abs().sum() > 0
 
 
-def test_one_device_copy_and_no_duplicate_storage():
+def test_a_run_never_changes_what_the_pair_stores():
     lin = _lin().to(torch.float64)
     ad = runtime.Adapter("s")
-    ad.add(lin, torch.randn(3, 8, dtype=torch.bfloat16), torch.randn(12, 3, dtype=torch.bfloat16), 1.0)
-    size_bf16 = ad.nbytes
-    with torch.no_grad(), runtime.active(ad):
-        lin(torch.randn(2, 8, dtype=torch.float64))
-    # Converted in place on the same device: one copy, in the compute dtype.
-    assert ad.nbytes == size_bf16 * 4
+    down, up = torch.randn(3, 8, dtype=torch.bfloat16), torch.randn(12, 3, dtype=torch.bfloat16)
+    keep = (down.clone(), up.clone())
+    ad.add(lin, down, up, 0.5)
+    x = torch.randn(2, 8, dtype=torch.float64)
+    with torch.no_grad(), runtime.active(ad, device=x.device, dtype=torch.float64):
+        got = lin(x)
+    b = ad.branches[lin][0]
+    assert isinstance(b, runtime.Branch) and b.scale == 0.5 and b.offset == 0 and b.length is None
+    # The stored tensors are the very objects added, in their dtype, with their values.
+    assert b.down is down and b.up is up and down.dtype == up.dtype == torch.bfloat16
+    assert torch.equal(down, keep[0]) and torch.equal(up, keep[1])
+    torch.testing.assert_close(got, lin(x).detach() + 0.5 * x @ (up.double() @ down.double()).t())
+    # The cached device copy is a separate tensor in the compute dtype.
     prepared = ad._prepared[1][lin]
-    assert prepared[0].data_ptr() == ad.branches[lin][0][0].data_ptr()
+    assert isinstance(prepared, runtime.Prepared) and prepared.down.dtype == torch.float64
+    assert prepared.down.data_ptr() != down.data_ptr()
 
 
-def test_uninstall():
+def test_class_swapped_only_inside_the_block():
     lin = _lin()
     ad = runtime.Adapter("s")
     ad.add(lin, torch.randn(3, 8), torch.randn(12, 3), 1.0)
-    runtime.uninstall(lin)
+    other = _lin(seed=3)  # a module without branches stays as it is, even inside the block
+    assert type(lin) is torch.nn.Linear and not hasattr(lin, "_glance_slot")  # adding installs nothing
+    with runtime.active(ad):
+        assert type(lin) is not torch.nn.Linear and isinstance(lin, torch.nn.Linear)
+        assert type(other) is torch.nn.Linear
+        with runtime.active(replace=True):  # nested "nothing active" unbinds it for the inner block
+            assert type(lin) is torch.nn.Linear
+        assert type(lin) is not torch.nn.Linear
+    assert type(lin) is torch.nn.Linear and not hasattr(lin, "_glance_slot")
     x = torch.randn(2, 8)
-    with torch.no_grad(), runtime.active(ad):
+    with torch.no_grad():
         torch.testing.assert_close(lin(x), torch.nn.functional.linear(x, lin.weight, lin.bias))
