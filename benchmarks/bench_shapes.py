@@ -21,11 +21,11 @@ import torch
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(HERE, ".."))
 from glance_core.files import atomic_write, write_text  # noqa: E402
-from glance_core.shapes import DEFAULT_CAPTION, DEFAULT_CFG, OBJECTIVES, data, teacher as teacher_mod  # noqa: E402
-from glance_core.shapes.compare import BASELINE, GLANCE_10, PLAIN_10, VARIANTS, measure  # noqa: E402
-from glance_core.shapes.demo import held_out  # noqa: E402
-from glance_core.shapes.glance import train_pair  # noqa: E402
-from glance_core.shapes.grid import comparison_grid  # noqa: E402
+from glance_shapes import DEFAULT_CAPTION, DEFAULT_CFG, OBJECTIVES, data, teacher as teacher_mod  # noqa: E402
+from glance_shapes.compare import BASELINE, GLANCE_10, PLAIN_10, VARIANTS, measure  # noqa: E402
+from glance_shapes.demo import held_out  # noqa: E402
+from glance_shapes.glance import train_pair  # noqa: E402
+from glance_shapes.grid import comparison_grid  # noqa: E402
 
 
 def table(rows, train_seconds):

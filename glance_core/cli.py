@@ -1,13 +1,17 @@
-"""Command line: `python -m glance_core schedule | inspect | generate | train | demo` (see --help)."""
+"""Command line: `python -m glance_core schedule | inspect | generate | train` (see --help).
+
+The bundled teacher's demo is its own package's: `python -m glance_shapes demo`."""
 import argparse
 import json
 import os
 import sys
 
 from .errors import GlanceError
-from .families import FAMILIES
+from .families import FAMILIES, REGISTRY
 from .schedule import DEFAULTS, MODES, build_schedule
-from .shapes import DEFAULT_CAPTION, DEFAULT_CFG, OBJECTIVES
+
+# Pixel multiple of every family with a diffusers pipeline, known before a pipeline (and its family) loads.
+PIXEL_MULTIPLE = max(f.pixel_multiple for f in REGISTRY if f.pipeline)
 
 
 def _parser():
@@ -44,9 +48,9 @@ def _parser():
     g.add_argument("--fast", help="the Fast LoRA file (.safetensors)")
     g.add_argument("--no-pair", action="store_true", help="sample the Glance schedule without adapters (baseline)")
     g.add_argument("--prompt", required=True, help="what to draw")
-    g.add_argument("--negative-prompt", default=" ", help="Qwen-Image true-CFG negative prompt (default ' ')")
+    g.add_argument("--negative-prompt", default=" ", help="negative prompt of Qwen-Image's true CFG and SD3's CFG (default ' ')")
     g.add_argument("--cfg", type=float, default=5.0, help="Qwen-Image true CFG scale (default 5; 1 = off)")
-    g.add_argument("--guidance", type=float, default=3.5, help="FLUX guidance embedding (default 3.5)")
+    g.add_argument("--guidance", type=float, default=3.5, help="FLUX: the guidance embedding; SD3: the classic CFG scale (default 3.5)")
     g.add_argument("--width", type=int, default=1024, help="pixels, a multiple of 16 (default 1024)")
     g.add_argument("--height", type=int, default=1024, help="pixels, a multiple of 16 (default 1024)")
     g.add_argument("--mode", choices=MODES, default="consistent", help="integration mode (default consistent)")
@@ -76,26 +80,11 @@ def _parser():
     t.add_argument("--seed", type=int, default=0, help="seed (default 0)")
     t.add_argument("--overwrite", action="store_true", help="replace existing files")
 
-    d = sub.add_parser("demo", help="train a pair on the bundled teacher and compare 50 / 10 / Glance 10 steps",
-                       formatter_class=manual, description=DEMO_HELP)
-    d.add_argument("--caption", default=DEFAULT_CAPTION,
-                   help="caption of the ONE training sample: 'colour shape position on background' "
-                        f"(default '{DEFAULT_CAPTION}')")
-    d.add_argument("--seed", type=int, default=0, help="noise seed of the training sample (default 0)")
-    d.add_argument("--steps", type=int, default=60, help="optimizer steps per LoRA (default 60, the recipe's)")
-    d.add_argument("--samples", type=int, default=8, help="held-out captions to render and score (1..64, default 8)")
-    d.add_argument("--objective", choices=OBJECTIVES, default=OBJECTIVES[0],
-                   help="flow-matching: the paper's loss (default); trajectory: regress the teacher's 50-step path")
-    d.add_argument("--cfg", type=float, default=DEFAULT_CFG,
-                   help=f"classifier-free guidance for all three ways (default {DEFAULT_CFG:g}, the teacher's; "
-                        "1: none)")
-    d.add_argument("--out", default="glance_demo.png", help="the comparison grid PNG (default glance_demo.png)")
-    d.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: torch's choice)")
     return p
 
 
-GENERATE_HELP = """Generate with a Glance Slow/Fast LoRA pair on a diffusers pipeline folder (Qwen-Image or
-FLUX.1-dev), in 10 steps by default. Both LoRAs go into the one transformer as two adapters.
+GENERATE_HELP = """Generate with a Glance Slow/Fast LoRA pair on a diffusers pipeline folder (Qwen-Image,
+FLUX.1-dev or SD3/SD3.5), in 10 steps by default. Both LoRAs go into the one transformer as two adapters.
 
 examples:
   python -m glance_core generate --model ./Qwen-Image --slow glance_qwen_slow.safetensors \
@@ -109,20 +98,6 @@ size. Writes NAME_slow.safetensors and NAME_fast.safetensors (loadable in ComfyU
 
 example:
   python -m glance_core train --model ./Qwen-Image --image teapot.png --caption "a blue teapot" --name teapot
-"""
-
-
-DEMO_HELP = """Proof at small scale, on a CPU in seconds, with nothing downloaded: load the bundled
-teacher (a 32x32 pixel-space SD3 MMDiT trained on shape pictures), train a Glance Slow/Fast pair on ONE of its
-samples, then render captions the pair never saw three ways (teacher 50 steps, plain 10 steps, Glance pair
-10 steps, all guided with --cfg), write them side by side to a PNG and print speed-up, PSNR to the 50-step
-picture and caption accuracy (read back from the pixels by the judge in glance_core.shapes.judge).
-
-captions: colour (red green blue yellow magenta cyan), shape (circle square triangle cross),
-position (top-left top-right centre bottom-left bottom-right), background (black gray white).
-
-example:
-  python -m glance_core demo --caption "blue cross centre on black" --seed 3 --out demo.png
 """
 
 
@@ -161,8 +136,9 @@ def _generate(args):
     if not args.no_pair and not (args.slow and args.fast):
         raise GlanceError("give --slow and --fast (or --no-pair for the baseline)")
     for flag, v in (("--width", args.width), ("--height", args.height)):
-        if v <= 0 or v % 16:  # checked before the minutes a large pipeline takes to load
-            raise GlanceError(f"{flag} {v}: must be a positive multiple of 16 px (8x VAE, 2x2 patches)")
+        if v <= 0 or v % PIXEL_MULTIPLE:  # checked before the minutes a large pipeline takes to load
+            raise GlanceError(f"{flag} {v}: must be a positive multiple of {PIXEL_MULTIPLE} px (8x VAE, 2x2 "
+                              "patches)")
     pipe = _load_pipeline(args)
     if not args.no_pair:
         print(load_pair(pipe, args.slow, args.fast, args.scale_policy), file=sys.stderr)
@@ -184,6 +160,7 @@ def _train(args):
     from PIL import Image, UnidentifiedImageError
     from tqdm import tqdm
     from .diffusers_train import train_pair
+    from .plan import PairOutput
     try:
         img = Image.open(args.image).convert("RGB")
     except (OSError, UnidentifiedImageError) as e:
@@ -192,11 +169,14 @@ def _train(args):
     if min(w, h) < 256:
         raise GlanceError(f"--image {args.image}: {w}x{h} px; the reference image needs at least 256 px a side")
     scale = args.resolution / max(w, h)
-    w2, h2 = (max(16, round(v * scale / 16) * 16) for v in (w, h))
+    m = PIXEL_MULTIPLE
+    w2, h2 = (max(m, round(v * scale / m) * m) for v in (w, h))
+    phases = ("slow", "fast") if args.phases == "both" else (args.phases,)
+    # The outputs are checked before the pipeline loads (and again by train_pair before the first step).
+    PairOutput(args.out_dir, args.name, phases, args.overwrite, input_name="--name", folder_name="--out-dir").check()
     x = torch.from_numpy(np.asarray(img.resize((w2, h2), Image.BICUBIC), dtype=np.float32) / 255.0)
     pipe = _load_pipeline(args)
     x = x.permute(2, 0, 1)[None].to(args.device)
-    phases = ("slow", "fast") if args.phases == "both" else (args.phases,)
     bar = tqdm(total=args.steps * len(phases), desc="Glance training")
 
     def step(phase, i, loss):
@@ -225,14 +205,6 @@ def main(argv=None):
             _generate(args)
         elif args.command == "train":
             _train(args)
-        elif args.command == "demo":
-            if args.threads < 0:
-                raise GlanceError(f"--threads {args.threads}: must be 0 (torch's choice) or more")
-            if args.threads:
-                import torch
-                torch.set_num_threads(args.threads)
-            from .shapes.demo import run
-            run(args.caption, args.seed, args.steps, args.samples, args.out, args.objective, args.cfg)
         else:
             from .lora import read_lora
             lora = read_lora(args.file, args.scale_policy)

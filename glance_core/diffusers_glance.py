@@ -1,11 +1,12 @@
 """Glance on diffusers pipelines: both LoRAs as two peft adapters in the ONE transformer, switched per step.
 
-Supports QwenImagePipeline (true CFG with the per-token norm rescale), FluxPipeline (guidance embedding) and
-StableDiffusion3Pipeline (classic CFG). Sigmas are in [0, 1]; the Qwen-Image and FLUX transformers take
-timestep = sigma, SD3's takes timestep = 1000 * sigma.
+Supports every pipeline a family module declares (glance_core.families: QwenImagePipeline with true CFG and
+the per-token norm rescale, FluxPipeline with its guidance embedding, StableDiffusion3Pipeline with classic
+CFG); the family encodes, packs, calls and decodes. Sigmas are in [0, 1].
 """
 import torch
 
+from . import families
 from .errors import GlanceError, LoraMismatchError
 from .integrate import sample_glance_velocity
 from .lora import check_matches, read_lora
@@ -15,8 +16,6 @@ from .schedule import build_schedule
 ADAPTERS = {"slow": "glance_slow", "fast": "glance_fast"}
 AS_OFFICIAL = "as the official pipeline"
 POLICIES = ("as trained", "as stored", AS_OFFICIAL)
-PIPELINE_FAMILIES = {"QwenImagePipeline": "qwen-image", "FluxPipeline": "flux.1-dev",
-                     "StableDiffusion3Pipeline": "sd3"}
 
 
 def peft_state_dict(lora, policy="as trained"):
@@ -63,10 +62,8 @@ def load_pair(pipe, slow, fast, scale_policy="as trained"):
 
 
 def _family(pipe):
-    fam = PIPELINE_FAMILIES.get(type(pipe).__name__)
-    if fam is None:
-        raise GlanceError(f"{type(pipe).__name__} is not supported; use one of {', '.join(PIPELINE_FAMILIES)}")
-    return fam
+    """The Family of a pipeline (GlanceError naming the supported pipelines)."""
+    return families.for_pipeline(pipe)
 
 
 @torch.no_grad()
@@ -92,17 +89,14 @@ def generate(pipe, prompt=None, *, negative_prompt=" ", height=1024, width=1024,
 
     if isinstance(prompt, list) and isinstance(negative_prompt, str):
         negative_prompt = [negative_prompt] * len(prompt)  # one negative per prompt of the batch
-    if family == "qwen-image":
-        call, latents = _qwen_setup(pipe, prompt, negative_prompt, height, width, true_cfg_scale, generator,
-                                    num_images_per_prompt, prompt_embeds, prompt_embeds_mask, negative_prompt_embeds,
-                                    negative_prompt_embeds_mask, device)
-    elif family == "sd3":
-        call, latents = _sd3_setup(pipe, prompt, negative_prompt, height, width, guidance_scale, generator,
-                                   num_images_per_prompt, prompt_embeds, negative_prompt_embeds, pooled_prompt_embeds,
-                                   negative_pooled_prompt_embeds, device)
-    else:
-        call, latents = _flux_setup(pipe, prompt, height, width, guidance_scale, generator, num_images_per_prompt,
-                                    prompt_embeds, pooled_prompt_embeds, device)
+    embeds = dict(prompt_embeds=prompt_embeds, prompt_embeds_mask=prompt_embeds_mask,
+                  negative_prompt_embeds=negative_prompt_embeds,
+                  negative_prompt_embeds_mask=negative_prompt_embeds_mask, pooled_prompt_embeds=pooled_prompt_embeds,
+                  negative_pooled_prompt_embeds=negative_pooled_prompt_embeds)
+    guidance = true_cfg_scale if family.guidance_arg == "true_cfg_scale" else guidance_scale
+    call, latents = family.setup(pipe, prompt=prompt, negative_prompt=negative_prompt, height=height, width=width,
+                                 guidance=guidance, generator=generator, n=num_images_per_prompt, embeds=embeds,
+                                 device=device)
 
     state = {"phase": None}
     bar = pipe.progress_bar(total=len(sched.steps)) if progress else None
@@ -126,89 +120,12 @@ def generate(pipe, prompt=None, *, negative_prompt=" ", height=1024, width=1024,
     return _decode(pipe, family, latents, height, width, output_type)
 
 
-def _qwen_setup(pipe, prompt, negative_prompt, height, width, cfg, generator, n, pe, pm, npe, npm, device):
-    pe, pm = pipe.encode_prompt(prompt=prompt, device=device, num_images_per_prompt=n, prompt_embeds=pe,
-                                prompt_embeds_mask=pm)
-    true_cfg = cfg > 1 and (negative_prompt is not None or npe is not None)
-    if true_cfg:
-        npe, npm = pipe.encode_prompt(prompt=negative_prompt, device=device, num_images_per_prompt=n,
-                                      prompt_embeds=npe, prompt_embeds_mask=npm)
-    batch = pe.shape[0]
-    latents = pipe.prepare_latents(batch, pipe.transformer.config.in_channels // 4, height, width, pe.dtype, device,
-                                   generator)
-    img_shapes = [[(1, height // pipe.vae_scale_factor // 2, width // pipe.vae_scale_factor // 2)]] * batch
-    guidance = None
-    if pipe.transformer.config.guidance_embeds:
-        guidance = torch.full((batch,), 1.0, device=device, dtype=torch.float32)
-
-    def run(x, sigma, emb, mask):
-        return pipe.transformer(hidden_states=x, timestep=sigma, guidance=guidance, encoder_hidden_states_mask=mask,
-                                encoder_hidden_states=emb, img_shapes=img_shapes, return_dict=False)[0]
-
-    def call(x, sigma):
-        v = run(x, sigma, pe, pm)
-        if not true_cfg:
-            return v
-        neg = run(x, sigma, npe, npm)
-        comb = neg + cfg * (v - neg)
-        return comb * (torch.norm(v, dim=-1, keepdim=True) / torch.norm(comb, dim=-1, keepdim=True))
-    return call, latents
-
-
-def _flux_setup(pipe, prompt, height, width, guidance_scale, generator, n, pe, pooled, device):
-    pe, pooled, text_ids = pipe.encode_prompt(prompt=prompt, prompt_2=None, device=device, num_images_per_prompt=n,
-                                              prompt_embeds=pe, pooled_prompt_embeds=pooled)
-    batch = pe.shape[0]
-    latents, image_ids = pipe.prepare_latents(batch, pipe.transformer.config.in_channels // 4, height, width,
-                                              pe.dtype, device, generator)
-    guidance = None
-    if pipe.transformer.config.guidance_embeds:
-        guidance = torch.full((batch,), guidance_scale, device=device, dtype=torch.float32)
-
-    def call(x, sigma):
-        return pipe.transformer(hidden_states=x, timestep=sigma, guidance=guidance, pooled_projections=pooled,
-                                encoder_hidden_states=pe, txt_ids=text_ids, img_ids=image_ids, return_dict=False)[0]
-    return call, latents
-
-
-def _sd3_setup(pipe, prompt, negative_prompt, height, width, cfg, generator, n, pe, npe, pooled, npooled, device):
-    use_cfg = cfg > 1
-    pe, npe, pooled, npooled = pipe.encode_prompt(
-        prompt=prompt, prompt_2=None, prompt_3=None, device=device, num_images_per_prompt=n,
-        do_classifier_free_guidance=use_cfg, negative_prompt=negative_prompt, prompt_embeds=pe,
-        negative_prompt_embeds=npe, pooled_prompt_embeds=pooled, negative_pooled_prompt_embeds=npooled)
-    latents = pipe.prepare_latents(pe.shape[0], pipe.transformer.config.in_channels, height, width, pe.dtype, device,
-                                   generator)
-
-    def call(x, sigma):
-        t = 1000 * sigma  # SD3's transformer takes the 0..1000 timestep
-        if not use_cfg:
-            return pipe.transformer(hidden_states=x, timestep=t, encoder_hidden_states=pe, pooled_projections=pooled,
-                                    return_dict=False)[0]
-        both = pipe.transformer(hidden_states=torch.cat([x, x]), timestep=torch.cat([t, t]),
-                                encoder_hidden_states=torch.cat([npe, pe]),
-                                pooled_projections=torch.cat([npooled, pooled]), return_dict=False)[0]
-        neg, pos = both.chunk(2)
-        return neg + cfg * (pos - neg)
-    return call, latents
-
-
 def _decode(pipe, family, latents, height, width, output_type):
     if output_type == "latent":
         return latents
-    vae = pipe.vae
-    if vae is None:
+    if pipe.vae is None:
         raise GlanceError("this pipeline has no VAE: ask for output_type='latent'")
-    if family != "sd3":  # SD3 latents are not packed
-        latents = pipe._unpack_latents(latents, height, width, pipe.vae_scale_factor)
-    latents = latents.to(vae.dtype)
-    if family == "qwen-image":
-        mean = torch.tensor(vae.config.latents_mean).view(1, vae.config.z_dim, 1, 1, 1).to(latents)
-        std = torch.tensor(vae.config.latents_std).view(1, vae.config.z_dim, 1, 1, 1).to(latents)
-        image = vae.decode(latents * std + mean, return_dict=False)[0][:, :, 0]
-    else:
-        latents = latents / vae.config.scaling_factor + vae.config.shift_factor
-        image = vae.decode(latents, return_dict=False)[0]
+    image = family.decode(pipe, latents, height, width)
     return pipe.image_processor.postprocess(image, output_type=output_type)
 
 

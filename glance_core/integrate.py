@@ -6,6 +6,23 @@ k-diffusion and ComfyUI; which adapter it uses is the model's business (it switc
 import torch
 
 
+def _per_sample(sigma, like):
+    """sigma (a number or one per batch entry) shaped to broadcast over a [B, ...] tensor."""
+    if not torch.is_tensor(sigma):
+        return sigma
+    return sigma.reshape(-1, *([1] * (like.dim() - 1)))
+
+
+def velocity_from_denoised(x, denoised, sigma):
+    """Flow models: x = (1 - sigma) x0 + sigma noise, so v = noise - x0 = (x - x0) / sigma (sigma > 0)."""
+    return (x - denoised) / _per_sample(sigma, x)
+
+
+def denoised_from_velocity(x, velocity, sigma):
+    """The inverse: x0 = x - sigma v."""
+    return x - _per_sample(sigma, x) * velocity
+
+
 @torch.no_grad()
 def sample_glance_euler(model, x, steps, extra_args=None, callback=None):
     """Euler over Glance steps: velocity at step.sigma, move from step.sigma_from to step.sigma_to (sigmas)."""
@@ -13,8 +30,7 @@ def sample_glance_euler(model, x, steps, extra_args=None, callback=None):
     s_in = x.new_ones([x.shape[0]])
     for i, st in enumerate(steps):
         denoised = model(x, st.sigma * s_in, **extra_args)
-        # Flow models: x = (1-s)*x0 + s*noise, so v = noise - x0 = (x - x0) / s at the conditioning sigma.
-        v = (x - denoised) / st.sigma
+        v = velocity_from_denoised(x, denoised, st.sigma)  # at the conditioning sigma
         if callback is not None:
             callback({"x": x, "i": i, "sigma": st.sigma, "sigma_hat": st.sigma, "denoised": denoised,
                       "phase": st.phase})

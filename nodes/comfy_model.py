@@ -3,9 +3,12 @@ import comfy.model_sampling
 import comfy.supported_models as sm
 
 from ..glance_core.errors import GlanceError
+from ..glance_core.families import REGISTRY
 
-# Checked in order: subclasses (FluxSchnell, FluxInpaint) come under their base class.
-FAMILY_OF_CONFIG = ((sm.QwenImage, "qwen-image"), (sm.Flux, "flux.1-dev"), (sm.SD3, "sd3"))
+# From the family modules' `comfy_config`, checked in registry order: subclasses (FluxSchnell, FluxInpaint)
+# come under their base class.
+FAMILY_OF_CONFIG = tuple((getattr(sm, f.comfy_config), f.name) for f in REGISTRY
+                         if f.comfy_config and hasattr(sm, f.comfy_config))
 
 
 def require_flow(model, input_name="model"):

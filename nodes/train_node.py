@@ -1,28 +1,29 @@
 """GlanceTrainLoRAPair: train a Slow/Fast LoRA pair from one reference image, inside ComfyUI."""
-import hashlib
+import dataclasses
 import logging
 import os
+from dataclasses import dataclass
 
 import comfy.model_management
 import comfy.samplers
 import comfy.utils
 import folder_paths
 import node_helpers
-import numpy as np
 import torch
 from comfy_api.v0_0_2 import io
 
-from ..glance_core import __version__
 from ..glance_core import runtime
 from ..glance_core.errors import GlanceError
-from ..glance_core.lora import GlanceMeta, save_lora
-from ..glance_core.lora.writer import save_lora_diffusers
+from ..glance_core.families import get_family
+from ..glance_core.integrate import velocity_from_denoised
+from ..glance_core.plan import (HASH_OF, PairOutput, Recipe, check_finite, check_seed, image_sha256, pair_meta,
+                                phase_seed, resolve_recipe)
 from ..glance_core.schedule import DEFAULTS, build_schedule
-from ..glance_core.train import RECIPES, TrainConfig, train_lora
+from ..glance_core.train import TrainConfig, train_lora
 from .comfy_model import family_of, model_label, require_flow
 from .loss_plot import loss_curve_image
 from .pair import GlancePair, with_pair
-from .training import IN_PLACE_SAFE, TrainLoop, build_adapter, materialise, trainable_blocks, training_targets
+from .training import TrainLoop, build_adapter, materialise, trainable_blocks, training_targets
 
 log = logging.getLogger("glance")
 PHASE_CHOICES = {"both": ("slow", "fast"), "slow only": ("slow",), "fast only": ("fast",)}
@@ -30,19 +31,16 @@ DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32, "fp16": torch.float16}
 MIN_SIDE = 256
 
 
+def pair_output(name, overwrite, phases, export_diffusers=False):
+    """The pair's files under <loras>/glance, every check that can be made done now (before training)."""
+    folder = os.path.join(folder_paths.get_folder_paths("loras")[0], "glance")
+    return PairOutput(folder, name, phases, overwrite, export_diffusers, input_name="output_name",
+                      folder_name="loras/glance").check()
+
+
 def pair_paths(name, overwrite, phases):
     """Final paths <loras>/glance/<name>_<phase>.safetensors; GlanceError if taken (checked before training)."""
-    if not name or not name.strip():
-        raise GlanceError("output_name: empty; give the pair a name")
-    if any(c in name for c in "/\\:") or name.strip() in (".", "..") or name != name.strip():
-        raise GlanceError(f"output_name: {name!r} must be a plain file name (no folders, separators or "
-                          "surrounding spaces)")
-    folder = os.path.join(folder_paths.get_folder_paths("loras")[0], "glance")
-    paths = {p: os.path.join(folder, f"{name}_{p}.safetensors") for p in phases}
-    taken = [p for p in paths.values() if os.path.exists(p)]
-    if taken and not overwrite:
-        raise GlanceError(f"output_name: {', '.join(taken)} exists; choose another name or enable overwrite")
-    return paths
+    return pair_output(name, overwrite, phases).paths
 
 
 def prepare_image(image, image_index, resolution, multiple):
@@ -63,8 +61,8 @@ def prepare_image(image, image_index, resolution, multiple):
 
 
 def image_hash(img):
-    """sha256 of the training image's 8-bit pixels (what the metadata records)."""
-    return hashlib.sha256((img[0].cpu().numpy() * 255).round().astype(np.uint8).tobytes()).hexdigest()
+    """sha256 of the training image's 8-bit pixels (what the metadata records; glance_core.plan.image_sha256)."""
+    return image_sha256(img)
 
 
 class GlanceTrainLoRAPair(io.ComfyNode):
@@ -150,10 +148,30 @@ def _progress_text(text):
         pass
 
 
-def train_pair(model, vae, image, positive, empty_prompt, output_name, steps, learning_rate, rank, alpha,
-               caption_dropout, seed, training_dtype, resolution, phases, gradient_checkpointing, overwrite,
-               export_diffusers, image_index):
-    """The node's work; returns (MODEL, slow path, fast path, loss-curve IMAGE)."""
+@dataclass(frozen=True)
+class Prepared:
+    """Everything train() needs, checked before the first step."""
+    family: object          # glance_core Family, or None (a flow model without preset: explicit sigmas)
+    recipe: Recipe
+    phases: tuple
+    output: PairOutput
+    sched: object           # glance_core Schedule at the image's size
+    targets: list
+    image: torch.Tensor     # [1, H, W, 3] in [0, 1], resized
+    width: int
+    height: int
+    positive: list
+    empty_prompt: list
+    seed: int
+    steps: int
+    dtype: torch.dtype
+    gradient_checkpointing: bool
+
+
+def prepare(model, image, positive, empty_prompt, output_name, steps, learning_rate, rank, alpha, caption_dropout,
+            seed, training_dtype, resolution, phases, gradient_checkpointing, overwrite, export_diffusers,
+            image_index):
+    """Check every input and the output files, resolve the recipe and the schedule: nothing runs yet."""
     require_flow(model)
     if phases not in PHASE_CHOICES:
         raise GlanceError(f"phases: choose one of {', '.join(PHASE_CHOICES)}")
@@ -161,24 +179,25 @@ def train_pair(model, vae, image, positive, empty_prompt, output_name, steps, le
         raise GlanceError(f"training_dtype: choose one of {', '.join(DTYPES)}")
     if not 1 <= steps <= 10000:
         raise GlanceError(f"steps: {steps} is out of range 1..10000")
-    if not 0 <= rank <= 512:
-        raise GlanceError(f"rank: {rank} is out of range 0..512 (0 = the family's recipe)")
+    check_seed(seed)
     todo = PHASE_CHOICES[phases]
-    paths = pair_paths(output_name, overwrite, todo)
-
-    family = family_of(model)
-    recipe = dict(RECIPES.get(family, RECIPES["default"]))
-    rank = rank or recipe["rank"]
-    alpha = alpha or 4.0 * rank
-    lr = learning_rate or recipe["lr"]
-    dropout = recipe["caption_dropout"] if caption_dropout < 0 else caption_dropout
-    if dropout > 0 and empty_prompt is None:
+    name = family_of(model)
+    family = None if name is None else get_family(name)
+    rec = resolve_recipe(family or get_family("explicit"), rank, alpha, learning_rate, caption_dropout)
+    output = pair_output(output_name, overwrite, todo, export_diffusers)
+    if rec.caption_dropout > 0 and empty_prompt is None:
         if caption_dropout > 0:
             raise GlanceError("empty_prompt: caption_dropout > 0 needs the empty prompt connected")
-        log.info("Glance train: no empty_prompt connected, so the recipe's caption dropout %.2f is off", dropout)
-        dropout = 0.0
-
-    multiple = 16
+        log.info("Glance train: no empty_prompt connected, so the recipe's caption dropout %.2f is off",
+                 rec.caption_dropout)
+        rec = dataclasses.replace(rec, caption_dropout=0.0)
+    check_finite(image, "image")
+    for label, cond in (("positive", positive), ("empty_prompt", empty_prompt or [])):
+        for c in cond:
+            check_finite(c[0], label)
+            for k, v in c[1].items():
+                check_finite(v, f"{label} ({k})")
+    multiple = (family or get_family("explicit")).pixel_multiple
     img, width, height = prepare_image(image, image_index, resolution, multiple)
     if family is None:
         # No preset: compress the model's own 50-step schedule.
@@ -187,20 +206,26 @@ def train_pair(model, vae, image, positive, empty_prompt, output_name, steps, le
         sched = build_schedule("explicit", width, height, base_sigmas=base.tolist())
     else:
         sched = build_schedule(family, width, height)
-    targets = training_targets(model, family)
+    targets = training_targets(model, name)
     if not targets:
         raise GlanceError(f"model: found no attention layers to adapt in this {model_label(model)} model")
-    latent = vae.encode(img)
-    if family == "flux.1-dev":  # the official FLUX recipe trains with guidance embedding 1.0
-        positive = node_helpers.conditioning_set_values(positive, {"guidance": 1.0})
+    if family is not None and family.train_guidance is not None:  # e.g. FLUX's recipe trains at guidance 1.0
+        positive = node_helpers.conditioning_set_values(positive, {"guidance": family.train_guidance})
         if empty_prompt is not None:
-            empty_prompt = node_helpers.conditioning_set_values(empty_prompt, {"guidance": 1.0})
+            empty_prompt = node_helpers.conditioning_set_values(empty_prompt, {"guidance": family.train_guidance})
+    return Prepared(family, rec, todo, output, sched, targets, img, width, height, positive, empty_prompt, seed,
+                    steps, DTYPES[training_dtype], gradient_checkpointing)
 
-    total = steps * len(todo)
+
+def train(model, vae, p):
+    """Train every phase of the prepared plan through ComfyUI's model call; returns (trained, losses)."""
+    latent = vae.encode(p.image)
+    check_finite(latent, "vae (the encoded image)")
+    total = p.steps * len(p.phases)
     pbar = comfy.utils.ProgressBar(total)
-    losses = {}
-    trained = {}
-    dtype = DTYPES[training_dtype]
+    losses, trained = {}, {}
+    rec, dtype = p.recipe, p.dtype
+    clone_saved = not (p.family is not None and p.family.in_place_safe)
 
     def run(model_wrap, x0, extra_args):
         with torch.inference_mode(False), torch.enable_grad():
@@ -209,13 +234,12 @@ def train_pair(model, vae, image, positive, empty_prompt, output_name, steps, le
             materialise(mp.model)
             x0 = x0.detach().clone().float()
             dev = x0.device
-            gen = torch.Generator().manual_seed(seed)
-            with trainable_blocks(mp.model.diffusion_model, gradient_checkpointing,
-                                  clone_saved=family not in IN_PLACE_SAFE):
-                for k, phase in enumerate(todo):
-                    adapter, params = build_adapter(mp, targets, rank, alpha, phase, torch.float32, gen)
-                    cfg = TrainConfig(steps=steps, lr=lr, weight_decay=recipe["weight_decay"],
-                                      caption_dropout=dropout, seed=seed + 1000 * (k + 1))
+            gen = torch.Generator().manual_seed(p.seed)
+            with trainable_blocks(mp.model.diffusion_model, p.gradient_checkpointing, clone_saved=clone_saved):
+                for k, phase in enumerate(p.phases):
+                    adapter, params = build_adapter(mp, p.targets, rec.rank, rec.alpha, phase, torch.float32, gen)
+                    settings = TrainConfig(steps=p.steps, lr=rec.lr, weight_decay=rec.weight_decay,
+                                           caption_dropout=rec.caption_dropout, seed=phase_seed(p.seed, k))
 
                     def velocity(xt, sigma, dropped, adapter=adapter):
                         conds = model_wrap.conds
@@ -227,56 +251,61 @@ def train_pair(model, vae, image, positive, empty_prompt, output_name, steps, le
                                 denoised = model_wrap(xt, sigma, **extra_args)
                         finally:
                             model_wrap.conds = conds
-                        return (xt - denoised.float()) / sigma.reshape(-1, *([1] * (xt.dim() - 1)))
+                        return velocity_from_denoised(xt, denoised.float(), sigma)
 
                     def on_step(i, loss, phase=phase, k=k):
                         comfy.model_management.throw_exception_if_processing_interrupted()
-                        pbar.update_absolute(k * steps + i + 1, total)
-                        _progress_text(f"{phase} LoRA: step {i + 1}/{steps}, loss {loss:.4f}")
-                        if (i + 1) % 10 == 0 or i + 1 == steps:
-                            log.info("Glance train %s step %d/%d loss %.5f", phase, i + 1, steps, loss)
+                        pbar.update_absolute(k * p.steps + i + 1, total)
+                        _progress_text(f"{phase} LoRA: step {i + 1}/{p.steps}, loss {loss:.4f}")
+                        if (i + 1) % 10 == 0 or i + 1 == p.steps:
+                            log.info("Glance train %s step %d/%d loss %.5f", phase, i + 1, p.steps, loss)
 
-                    losses[phase] = train_lora(velocity, adapter.parameters(), x0, sched.phase_sigmas(phase),
-                                               cfg, on_step, phase=f"{phase} LoRA")
+                    losses[phase] = train_lora(velocity, adapter.parameters(), x0, p.sched.phase_sigmas(phase),
+                                               settings, on_step, phase=f"{phase} LoRA")
                     adapter.freeze()
                     trained[phase] = (adapter, params)  # the writers detach and move to CPU
 
     mp = model.clone()
     guider = comfy.samplers.CFGGuider(mp)
-    guider.set_conds(positive, empty_prompt if empty_prompt is not None else positive)
+    guider.set_conds(p.positive, p.empty_prompt if p.empty_prompt is not None else p.positive)
     guider.set_cfg(1.0)  # conds only: the empty prompt is swapped in for dropped-caption steps
-    guider.sample(torch.zeros_like(latent), latent, TrainLoop(run), torch.tensor([1.0, 0.0]), seed=seed)
+    # The plan's seed may be up to 2^64-1; the sampler's noise is unused here (the loop draws its own).
+    guider.sample(torch.zeros_like(latent), latent, TrainLoop(run), torch.tensor([1.0, 0.0]),
+                  seed=p.seed % 2 ** 63)
+    return trained, losses
 
+
+def save(p, trained, losses, training_dtype):
+    """Write the pair all or nothing (an overwritten pair stays whole until every new file is complete)."""
+    rec = p.recipe
+    img_sha = image_sha256(p.image)
+    modules = {phase: {n: (d, u, rec.alpha) for n, (d, u) in trained[phase][1].items()} for phase in p.phases}
+    metas = {phase: pair_meta(phase, p.sched.family, p.sched, rec, [t[0] for t in p.targets], img_sha,
+                              losses[phase], {"steps": p.steps, "seed": p.seed, "training_dtype": training_dtype,
+                                              "size": [p.width, p.height], "hash_of": HASH_OF})
+             for phase in p.phases}
+    written = p.output.write(modules, metas, p.targets[0][1])
+    for path in written:
+        log.info("Glance train: wrote %s", path)
+
+
+def train_pair(model, vae, image, positive, empty_prompt, output_name, steps, learning_rate, rank, alpha,
+               caption_dropout, seed, training_dtype, resolution, phases, gradient_checkpointing, overwrite,
+               export_diffusers, image_index):
+    """The node's work: prepare, train, save; returns (MODEL, slow path, fast path, loss-curve IMAGE)."""
+    p = prepare(model, image, positive, empty_prompt, output_name, steps, learning_rate, rank, alpha,
+                caption_dropout, seed, training_dtype, resolution, phases, gradient_checkpointing, overwrite,
+                export_diffusers, image_index)
+    trained, losses = train(model, vae, p)
     # Everything trained: only now write files, so an interrupted or failed run leaves none.
-    ns = targets[0][1]
-    img_sha = image_hash(img)
-    written = []
-    try:
-        for phase in todo:
-            adapter, params = trained[phase]
-            meta = GlanceMeta(phase=phase, family=sched.family,
-                              sigmas=sched.phase_sigmas(phase), rank=rank, alpha=float(alpha),
-                              target_modules=[t[0] for t in targets], schedule=sched.to_dict(), image_sha256=img_sha,
-                              pack_version=__version__,
-                              extra={"steps": steps, "learning_rate": lr, "caption_dropout": dropout, "seed": seed,
-                                     "training_dtype": training_dtype, "size": [width, height],
-                                     "final_loss": losses[phase][-1], "losses": losses[phase]})
-            modules = {n: (d, u, alpha) for n, (d, u) in params.items()}
-            written.append(save_lora(paths[phase], modules, meta.to_header(), namespace=ns, overwrite=overwrite))
-            if export_diffusers:
-                written.append(save_lora_diffusers(paths[phase][:-len(".safetensors")] + "_diffusers.safetensors",
-                                                   modules, meta, overwrite=overwrite))
-    except BaseException:
-        for p in written:
-            os.unlink(p)
-        raise
-    for p in written:
-        log.info("Glance train: wrote %s", p)
-
+    save(p, trained, losses, training_dtype)
+    rec, sched = p.recipe, p.sched
     slow = trained.get("slow", (runtime.Adapter("slow"), None))[0]
     fast = trained.get("fast", (runtime.Adapter("fast"), None))[0]
-    report = f"trained {', '.join(todo)} on {width}x{height}, rank {rank}, alpha {alpha:g}, lr {lr:g}, {steps} steps"
+    report = (f"trained {', '.join(p.phases)} on {p.width}x{p.height}, rank {rec.rank}, alpha {rec.alpha:g}, "
+              f"lr {rec.lr:g}, {p.steps} steps")
     pair = GlancePair(slow, fast, sched.family, {k: getattr(sched, k) for k in DEFAULTS}, report,
-                      fixed_boundary=None if family else sched.boundary)
+                      fixed_boundary=None if p.family else sched.boundary)
     curve = loss_curve_image(losses)
+    paths = p.output.paths
     return with_pair(model, pair), paths.get("slow", ""), paths.get("fast", ""), curve

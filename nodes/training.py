@@ -9,11 +9,10 @@ import torch
 import torch.utils.checkpoint
 
 from ..glance_core import runtime
-from ..glance_core.train import TARGET_PATTERNS, lora_pair_params
+from ..glance_core.families import get_family
+from ..glance_core.train import lora_pair_params
 from .pair import key_map_of, split_target
 
-# Families whose blocks never add in place into tensors autograd saved (checked by the tests).
-IN_PLACE_SAFE = {"qwen-image"}
 # Other flow families: attention projections under their ComfyUI names.
 GENERIC = re.compile(r"(attn|attention)[^.]*\.(qkv|to_q|to_k|to_v|q_proj|k_proj|v_proj|to_out\.0|o_proj|out_proj|"
                      r"proj)$")
@@ -22,7 +21,7 @@ GENERIC = re.compile(r"(attn|attention)[^.]*\.(qkv|to_q|to_k|to_v|q_proj|k_proj|
 def training_targets(model, family):
     """[(save name, namespace, weight key, offset, length)] of the layers a family's recipe adapts."""
     out = []
-    pattern = TARGET_PATTERNS.get(family)
+    pattern = None if family is None else get_family(family).target_pattern
     if pattern is not None:
         for k, target in key_map_of(model).items():
             if k.startswith("transformer.") and pattern.search(k[len("transformer."):]):

@@ -30,13 +30,12 @@ PREFIXES = (
 # Text-encoder LoRAs are legitimate in some files but never part of a Glance pair: reported, not applied.
 TEXT_ENCODER_PREFIXES = ("lora_te", "text_encoder", "te1.", "te2.")
 
-# Layer names no other family has (kohya form, so every namespace compares alike): how a file's family
-# is guessed, None when nothing decides it. FLUX's native img_mod.lin / img_mlp.0 differ from Qwen's.
-FAMILY_MARKERS = (
-    ("qwen-image", ("img_mod_1", "txt_mod_1", "img_mlp_net", "txt_mlp_net")),
-    ("flux.1-dev", ("double_blocks", "single_blocks", "single_transformer_blocks")),
-    ("sd3", ("joint_blocks",)),
-)
+
+def family_markers():
+    """(family name, marker layer names) of every registered family: names no other family has (kohya form,
+    so every namespace compares alike). FLUX's native img_mod.lin / img_mlp.0 differ from Qwen's."""
+    from ..families import REGISTRY
+    return tuple((f.name, f.markers) for f in REGISTRY if f.markers)
 
 
 def split_key(key):
@@ -70,7 +69,8 @@ def kohya_name(module):
 
 
 def guess_family(module_names):
-    """Family name whose marker layers appear in these module names, or None if none or several do."""
+    """Family name whose marker layers appear in these module names, or None if none or several do (how a
+    file's family is guessed)."""
     names = [kohya_name(n) for n in module_names]
-    found = {fam for fam, marks in FAMILY_MARKERS for name in names if any(m in name for m in marks)}
+    found = {fam for fam, marks in family_markers() for name in names if any(m in name for m in marks)}
     return found.pop() if len(found) == 1 else None

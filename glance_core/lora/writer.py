@@ -33,6 +33,11 @@ def save_lora_diffusers(path, modules, meta, overwrite=False):
     diffusers reads no alpha tensors, so each scale alpha/rank is folded into up and the file says
     lora_alpha = r: the weight deltas stay exactly those of the ComfyUI file.
     """
+    return _write(path, *diffusers_export(path, modules, meta), overwrite)
+
+
+def diffusers_export(path, modules, meta):
+    """(tensors, header) of the diffusers export of `modules` (see save_lora_diffusers); `path` names errors."""
     ranks = {down.shape[0] for down, _, _ in modules.values()}
     if len(ranks) != 1:
         raise LoraFileError(path, f"diffusers export needs one rank for all modules, got {sorted(ranks)}")
@@ -46,7 +51,12 @@ def save_lora_diffusers(path, modules, meta, overwrite=False):
     folded = dataclasses.replace(meta, alpha=float(rank), extra={**meta.extra, "scale_folded_into_up": True,
                                                                  "trained_alpha": meta.alpha})
     header = {**folded.to_header(), "lora_adapter_metadata": json.dumps(config), "format": "pt"}
-    return _write(path, tensors, header, overwrite)
+    return tensors, header
+
+
+def file_writer(tensors, metadata):
+    """write(tmp) that saves `tensors` with a str->str header: for files.stage / the training plan."""
+    return lambda tmp: save_file(tensors, tmp, metadata=dict(metadata or {}))
 
 
 def save_lora(path, modules, metadata=None, namespace="comfyui", dtype=None, overwrite=False):
@@ -62,6 +72,6 @@ def save_lora(path, modules, metadata=None, namespace="comfyui", dtype=None, ove
 
 def _write(path, tensors, metadata, overwrite):
     try:
-        return atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=dict(metadata or {})), overwrite)
+        return atomic_write(path, file_writer(tensors, metadata), overwrite)
     except FileExistsError:
         raise LoraFileError(path, "file exists; choose another name or allow overwriting") from None

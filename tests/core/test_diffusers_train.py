@@ -59,3 +59,67 @@ def test_bad_training_inputs():
     with pytest.raises(GlanceError, match="name: 'a/b'"):
         train_pair(pipe, image_latents=_ref_latents(), prompt_embeds=pe, prompt_embeds_mask=pm, steps=1,
                    out_dir="/tmp", name="a/b")
+
+
+def _sd3_pipe():
+    from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
+    torch.manual_seed(0)
+    t = SD3Transformer2DModel(sample_size=32, patch_size=2, in_channels=16, num_layers=2, attention_head_dim=16,
+                              num_attention_heads=2, joint_attention_dim=32, caption_projection_dim=32,
+                              pooled_projection_dim=32, out_channels=16, pos_embed_max_size=64)
+    return StableDiffusion3Pipeline(scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0), vae=None,
+                                    text_encoder=None, tokenizer=None, text_encoder_2=None, tokenizer_2=None,
+                                    text_encoder_3=None, tokenizer_3=None, transformer=t)
+
+
+def test_train_save_and_generate_sd3(tmp_path):
+    # SD3 used to fail here with AttributeError '_pack_latents': its family now packs (not at all) and calls.
+    pipe = _sd3_pipe()
+    g = torch.Generator().manual_seed(3)
+    pe, pooled = torch.randn(1, 6, 32, generator=g), torch.randn(1, 32, generator=g)
+    ref = _ref_latents()[:, :, 0]
+    paths = train_pair(pipe, image_latents=ref, prompt_embeds=pe, pooled_prompt_embeds=pooled, steps=30, rank=4,
+                       learning_rate=1e-2, out_dir=tmp_path, name="sd3pair", seed=2 ** 64 - 1)
+    for phase, path in paths.items():
+        lora = read_lora(path)
+        assert lora.family == "sd3" and lora.glance.family == "sd3" and lora.glance.phase == phase
+        assert len(lora.modules) == 2 * 4  # q, k, v, out of both joint blocks
+        assert lora.glance.extra["hash_of"].startswith("normalised latent")
+        losses = lora.glance.extra["losses"]
+        assert sum(losses[-6:]) < sum(losses[:6])
+    kw = dict(prompt_embeds=pe, pooled_prompt_embeds=pooled, height=SIZE, width=SIZE, guidance_scale=1.0,
+              output_type="latent", progress=False)
+    out = dg.generate(pipe, generator=torch.Generator().manual_seed(0), **kw)
+    plain = dg.generate(pipe, generator=torch.Generator().manual_seed(0), use_pair=False, **kw)
+    assert out.shape == ref.shape
+    assert ((out - ref) ** 2).mean() < ((plain - ref) ** 2).mean()
+
+
+@pytest.mark.parametrize("kw,message", [
+    (dict(learning_rate=float("nan")), "learning_rate: nan"),
+    (dict(alpha=float("inf")), "alpha: inf"),
+    (dict(seed=2 ** 64), "seed: "),
+])
+def test_bad_numbers_are_named_before_training(kw, message):
+    pipe = _qwen_pipe()
+    pe, pm = _embeds(1)
+    with pytest.raises(GlanceError, match=message):
+        train_pair(pipe, image_latents=_ref_latents(), prompt_embeds=pe, prompt_embeds_mask=pm, steps=1, **kw)
+
+
+def test_nan_pixel_and_nan_prompt_are_named(tmp_path):
+    pipe = _qwen_pipe()
+    pe, pm = _embeds(1)
+    lat = _ref_latents()
+    lat[0, 0, 0, 3, 3] = float("nan")
+    with pytest.raises(GlanceError, match="image_latents: 1 NaN"):
+        train_pair(pipe, image_latents=lat, prompt_embeds=pe, prompt_embeds_mask=pm, steps=1)
+    bad = pe.clone()
+    bad[0, 0, 0] = float("inf")
+    with pytest.raises(GlanceError, match="prompt_embeds: 1 NaN or infinite"):
+        train_pair(pipe, image_latents=_ref_latents(), prompt_embeds=bad, prompt_embeds_mask=pm, steps=1)
+    # output checks come before any training: a folder that is a file
+    (tmp_path / "f").write_text("x")
+    with pytest.raises(GlanceError, match="out_dir: .* is a file"):
+        train_pair(pipe, image_latents=_ref_latents(), prompt_embeds=pe, prompt_embeds_mask=pm, steps=1,
+                   out_dir=tmp_path / "f", name="x")

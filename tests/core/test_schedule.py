@@ -176,5 +176,5 @@ def test_family_aliases_and_mu():
     assert get_family("Qwen").name == "qwen-image" and get_family("sd3.5").name == "sd3"
     assert get_family("qwen-image").mu(1024, 1024) == pytest.approx(0.693548, abs=1e-6)
     assert get_family("flux").mu(1024, 1024) == pytest.approx(1.15)
-    assert set(FAMILIES) == {"qwen-image", "flux.1-dev", "sd3", "glance-shapes", "explicit"}
+    assert set(FAMILIES) == {"qwen-image", "flux.1-dev", "sd3", "explicit"}
     assert math.isclose(get_family("qwen-image").base_sigmas(50, 1024, 1024)[-1], 0.02)

@@ -11,10 +11,10 @@ import torch
 from glance_core import runtime
 from glance_core.errors import GlanceError
 from glance_core.schedule import build_schedule
-from glance_core.shapes import DEFAULT_CFG, data, judge, teacher as teacher_mod
-from glance_core.shapes.compare import VARIANTS, fidelity
-from glance_core.shapes.glance import target_modules, train_pair
-from glance_core.shapes.sampling import denoiser, glance_schedule, noise_for, plain_steps, sample, trajectory
+from glance_shapes import DEFAULT_CFG, data, judge, teacher as teacher_mod
+from glance_shapes.compare import VARIANTS, fidelity
+from glance_shapes.glance import target_modules, train_pair
+from glance_shapes.sampling import denoiser, glance_schedule, noise_for, plain_steps, sample, trajectory
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -56,8 +56,9 @@ def test_teacher_family_schedule_is_the_compressed_50_step_grid():
     assert sched.phase_sigmas("fast") == pytest.approx([0.8, 0.6, 0.4, 0.2, 0.02])
     assert sched.steps[-1].sigma_to == 0.0 and len(plain_steps(10)) == 10
     assert [s.sigma for s in plain_steps(10)] == pytest.approx([1 - k / 10 for k in range(10)])
-    # the same family through the schedule engine's public entry (what `python -m glance_core schedule` prints)
-    assert build_schedule("shapes", 32, 32).sigmas == sched.sigmas
+    # the same family object through the schedule engine's public entry (the engine's table does not list it)
+    from glance_shapes.family import FAMILY
+    assert build_schedule(FAMILY, 32, 32).sigmas == sched.sigmas
 
 
 def test_teacher_weights_match_their_recorded_hash_and_size():
@@ -87,7 +88,7 @@ def test_teacher_samples_fit_their_captions(teacher):
 
 
 def test_teacher_training_is_seeded_and_writes_a_matching_record(tmp_path):
-    from glance_core.shapes import train_teacher
+    from glance_shapes import train_teacher
     settings = dict(train_teacher.DEFAULTS, steps=3, batch=4, warmup=2, threads=1)
     a, la = train_teacher.train(**settings, log=lambda *_: None)
     b, lb = train_teacher.train(**settings, log=lambda *_: None)
@@ -140,7 +141,7 @@ def test_flow_matching_pair_changes_the_output_and_leaves_the_teacher_alone(teac
 
 
 def _demo(*args):
-    return subprocess.run([sys.executable, "-m", "glance_core", "demo", *args], cwd=ROOT, capture_output=True,
+    return subprocess.run([sys.executable, "-m", "glance_shapes", "demo", *args], cwd=ROOT, capture_output=True,
                           text=True, timeout=600)
 
 
@@ -186,6 +187,9 @@ def test_benchmark_on_two_samples(tmp_path):
     assert "| teacher, 50 steps | 100 |" in (tmp_path / "shapes_benchmark.md").read_text()
 
 
-def test_comfyui_nodes_do_not_offer_the_teachers_family():
-    from glance_core.families import comfyui_families
-    assert "glance-shapes" not in comfyui_families() and "qwen-image" in comfyui_families()
+def test_the_engine_does_not_know_the_teachers_family():
+    from glance_core.errors import ScheduleError
+    from glance_core.families import FAMILIES, comfyui_families, get_family
+    assert "glance-shapes" not in FAMILIES and "qwen-image" in comfyui_families()
+    with pytest.raises(ScheduleError, match="unknown model family"):
+        get_family("shapes")

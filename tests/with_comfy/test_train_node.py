@@ -239,8 +239,46 @@ def test_existing_files_are_refused_unless_overwrite_and_one_phase_only(env):
         with pytest.raises(env.GlanceError, match="once_slow.safetensors exists"):
             _train(env, "sd3", "once", phases="slow only")
         assert steps == []  # refused before training started
-        before = os.path.getmtime(slow)
-        _train(env, "sd3", "once", phases="slow only", overwrite=True)
-        assert os.path.getmtime(slow) >= before
+        old = open(slow, "rb").read()
+        _train(env, "sd3", "once", phases="slow only", overwrite=True, seed=7)
+        assert open(slow, "rb").read() != old and env.lora.read_lora(slow).glance.extra["seed"] == 7
     finally:
         comfy.utils.set_progress_bar_global_hook(None)
+
+
+def test_failed_overwrite_keeps_the_old_pair_whole(env, monkeypatch):
+    import glance_pack.glance_core.plan as plan
+    _, slow, fast, _ = _train(env, "flux", "keep", export_diffusers=True)
+    names = [slow, fast, slow[:-12] + "_diffusers.safetensors", fast[:-12] + "_diffusers.safetensors"]
+    old = {p: open(p, "rb").read() for p in names}
+    real, calls = plan.stage, []
+
+    def stage(path, write):  # the last file of the new pair hits a full disk
+        calls.append(path)
+        if len(calls) == 4:
+            raise OSError(28, "No space left on device", path)
+        return real(path, write)
+    monkeypatch.setattr(plan, "stage", stage)
+    with pytest.raises(OSError, match="No space left"):
+        _train(env, "flux", "keep", export_diffusers=True, overwrite=True, seed=3)
+    assert {p: open(p, "rb").read() for p in names} == old
+    assert not glob.glob(os.path.join(_glance_dir(), ".keep*"))
+
+
+def test_seed_near_2_64_and_bad_numbers_in_the_node(env):
+    _, slow, _, _ = _train(env, "sd3", "bigseed", phases="slow only", seed=2 ** 64 - 1)
+    assert env.lora.read_lora(slow).glance.extra["seed"] == 2 ** 64 - 1
+    err = env.GlanceError
+    nan_img = reference_image()
+    nan_img[0, 10, 10, 1] = float("nan")
+    for kw, message in ((dict(image=nan_img), "image: 1 NaN"), (dict(alpha=float("nan")), "alpha: nan"),
+                        (dict(learning_rate=float("nan")), "learning_rate: nan"),
+                        (dict(output_name="a\x00b"), "output_name: .* NUL"),
+                        (dict(output_name="n" * 240), "too long for this file system")):
+        with pytest.raises(err, match=message):
+            _train(env, "sd3", "bad", **kw)
+    export = os.path.join(_glance_dir(), "exp_slow_diffusers.safetensors")
+    open(export, "wb").write(b"old")
+    with pytest.raises(err, match="exp_slow_diffusers.safetensors exists"):
+        _train(env, "sd3", "exp", phases="slow only", export_diffusers=True)
+    assert not os.path.exists(os.path.join(_glance_dir(), "exp_slow.safetensors"))

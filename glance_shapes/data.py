@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..errors import GlanceError
+from glance_core.errors import GlanceError
 
 SIZE = 32
 SHAPES = ("circle", "square", "triangle", "cross")

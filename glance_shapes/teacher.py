@@ -11,13 +11,13 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from ..errors import GlanceError
+from glance_core.errors import GlanceError
 from .data import SIZE, SLOTS
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 WEIGHTS = os.path.join(HERE, "weights", "teacher.safetensors")
 RECORD = os.path.join(HERE, "weights", "teacher.json")  # config, sha256 of the weights, how they were trained
-FAMILY = "glance-shapes"  # the schedule engine's preset for this model (families.py)
+from .family import FAMILY  # noqa: E402,F401  (the engine takes the object)
 
 
 @dataclass(frozen=True)
@@ -108,7 +108,7 @@ def load(path=WEIGHTS, record=RECORD, check_hash=True):
     from safetensors.torch import load_file
     rec = read_record(record)
     if not os.path.exists(path):
-        raise GlanceError(f"teacher weights {path} are missing (retrain: python -m glance_core.shapes.train_teacher)")
+        raise GlanceError(f"teacher weights {path} are missing (retrain: python -m glance_shapes.train_teacher)")
     if check_hash:
         got = sha256(path)
         if got != rec["sha256"]:

@@ -2,17 +2,16 @@
 optionally with a Glance pair switched per model call by sigma."""
 import torch
 
-from .. import runtime
-from ..families import get_family
-from ..integrate import sample_glance_euler
-from ..schedule import Step, build_schedule
+from glance_core import runtime
+from glance_core.integrate import denoised_from_velocity, sample_glance_euler
+from glance_core.schedule import Step, build_schedule
 from .data import SIZE
-from .teacher import FAMILY
+from .family import FAMILY
 
 
 def plain_steps(n):
     """The teacher's plain n-step Euler schedule (the family grid, then sigma 0) as integrator steps."""
-    grid = get_family(FAMILY).base_sigmas(n, SIZE, SIZE) + [0.0]
+    grid = FAMILY.base_sigmas(n, SIZE, SIZE) + [0.0]
     return tuple(Step("plain", s, s, t) for s, t in zip(grid, grid[1:]))
 
 
@@ -36,7 +35,7 @@ def denoiser(teacher, cond, adapters=None, boundary=None, cfg=1.0):
             adapter = adapters.get("slow" if float(sigma[0]) > boundary else "fast")
         with runtime.active(adapter, replace=True):
             v = teacher.guided_velocity(x, sigma, cond, cfg)
-        return x - sigma.reshape(-1, 1, 1, 1) * v  # flow models: x0 = x - sigma * v
+        return denoised_from_velocity(x, v, sigma)
     return model
 
 

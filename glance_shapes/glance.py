@@ -1,16 +1,19 @@
 """Glance on the teacher: the slow/fast pair trained from ONE of its own samples with `glance_core.train`
 (the loss and step the ComfyUI training node uses), as run-time adapters (`glance_core.runtime`)."""
 import torch
+import torch.nn.functional as F
 
-from .. import runtime
-from ..train import RECIPES, TARGET_PATTERNS, TrainConfig, TrainingError, lora_pair_params, train_lora
+from glance_core import runtime
+from glance_core.plan import phase_seed
+from glance_core.train import TrainConfig, TrainingError, lora_pair_params, train_lora
 from . import OBJECTIVES
+from .family import FAMILY
 from .sampling import glance_schedule, trajectory
 
 
 def target_modules(teacher):
     """[(name, Linear)] the SD3 recipe adapts: the attention q/k/v/out projections of every block."""
-    pattern = TARGET_PATTERNS["sd3"]
+    pattern = FAMILY.target_pattern
     return [(n, m) for n, m in teacher.transformer.named_modules()
             if isinstance(m, torch.nn.Linear) and pattern.search(n)]
 
@@ -30,7 +33,7 @@ def train_pair(teacher, caption, seed, objective="flow-matching", steps=60, rank
     """
     if objective not in OBJECTIVES:
         raise TrainingError(f"objective {objective!r}: choose one of {', '.join(OBJECTIVES)}")
-    recipe = RECIPES["default"]
+    recipe = FAMILY.recipe
     rank = rank or recipe["rank"]
     alpha = alpha or 4.0 * rank
     sched = glance_schedule("consistent")
@@ -44,10 +47,14 @@ def train_pair(teacher, caption, seed, objective="flow-matching", steps=60, rank
         for _, module in target_modules(teacher):
             down, up = lora_pair_params((rank, module.in_features), (module.out_features, rank), rank, generator=gen)
             adapter.add(module, down, up, alpha / rank)
-        targets = None
+        targets = loss = None
         if objective == "trajectory":
             targets = [(path[st.sigma], (path[st.sigma_to] - path[st.sigma]) / (st.sigma_to - st.sigma_from))
                        for st in sched.steps if st.phase == phase]
+
+            def loss(model, x0, noise, sigma, k, targets=targets):  # regress the path, not fresh-noise targets
+                xt, v = targets[k]
+                return F.mse_loss(model(xt, sigma).float(), v.float())
 
         def velocity(xt, sigma, dropped, adapter=adapter):
             with runtime.active(adapter, replace=True):
@@ -55,11 +62,11 @@ def train_pair(teacher, caption, seed, objective="flow-matching", steps=60, rank
                     return teacher.guided_velocity(xt, sigma, cond, cfg)
                 return teacher.velocity(xt, sigma, teacher.empty_like(cond) if dropped else cond)
         settings = TrainConfig(steps=steps, lr=lr or recipe["lr"], weight_decay=recipe["weight_decay"],
-                          seed=seed + 1000 * (k + 1))
+                          seed=phase_seed(seed, k))
         with torch.enable_grad():
             losses[phase] = train_lora(velocity, adapter.parameters(), x0, sched.phase_sigmas(phase), settings,
                                        on_step=(lambda i, loss, phase=phase: on_step(phase, i, loss))
-                                       if on_step else None, phase=f"{phase} LoRA", targets=targets)
+                                       if on_step else None, phase=f"{phase} LoRA", loss=loss)
         adapter.freeze()
         adapters[phase] = adapter
     return adapters, losses, ((x0 + 1) / 2).clamp(0, 1)

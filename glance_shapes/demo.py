@@ -1,12 +1,12 @@
-"""`python -m glance_core demo`: train a Glance pair on ONE sample of the bundled teacher, then compare
+"""`python -m glance_shapes demo`: train a Glance pair on ONE sample of the bundled teacher, then compare
 50-step, plain 10-step and Glance 10-step pictures on captions the pair never saw."""
 import os
 import time
 
 import torch
 
-from ..errors import GlanceError
-from ..files import atomic_write
+from glance_core.errors import GlanceError
+from glance_core.files import atomic_write
 from . import DEFAULT_CAPTION, DEFAULT_CFG, data, teacher as teacher_mod
 from .compare import BASELINE, GLANCE_10, PLAIN_10, measure
 from .glance import train_pair

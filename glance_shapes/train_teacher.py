@@ -1,4 +1,4 @@
-"""Train the bundled teacher from scratch: `python -m glance_core.shapes.train_teacher` (about 15 min on 2 cores).
+"""Train the bundled teacher from scratch: `python -m glance_shapes.train_teacher` (about 15 min on 2 cores).
 
 Plain flow matching on freshly rendered pictures (a new batch every step, sigma uniform in [0, 1], 10 % empty
 captions), AdamW with warm-up and cosine decay, an EMA of the weights is what gets saved. Everything is seeded;
@@ -12,9 +12,9 @@ import platform
 import time
 
 import torch
-import torch.nn.functional as F
 
-from ..files import atomic_write, write_text
+from glance_core.files import atomic_write, write_text
+from glance_core.train import flow_matching_loss
 from . import DEFAULT_CFG, data, judge
 from .sampling import plain_steps, sample
 from .teacher import WEIGHTS, Teacher, TeacherConfig, config_dict, sha256
@@ -47,8 +47,7 @@ def train(steps, batch, lr, warmup, ema, dropout, seed, threads, log=_log):
         cond = model.cond(caps)
         drop = torch.rand(batch, generator=gen) < dropout
         cond[drop] = model.empty_like(cond)[drop]
-        s = sigma[:, None, None, None]
-        loss = F.mse_loss(model.velocity((1 - s) * x0 + s * noise, sigma, cond), noise - x0)
+        loss = flow_matching_loss(lambda xt, sg: model.velocity(xt, sg, cond), x0, noise, sigma)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -74,7 +73,7 @@ def check(model, n=64):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(prog="python -m glance_core.shapes.train_teacher", description=__doc__)
+    p = argparse.ArgumentParser(prog="python -m glance_shapes.train_teacher", description=__doc__)
     for k, v in DEFAULTS.items():
         p.add_argument("--" + k, type=type(v), default=v, help=f"default {v}")
     p.add_argument("--out", default=WEIGHTS, help="weights file to write (default: the bundled one)")
@@ -93,7 +92,7 @@ def main(argv=None):
     record = {"config": config_dict(model.config), "sha256": sha256(a.out), "training": settings,
               "final_loss": sum(losses[-100:]) / len(losses[-100:]), "minutes": round(minutes, 1),
               "check_50_step_accuracy_64": acc, "torch": torch.__version__, "machine": platform.machine(),
-              "command": "python -m glance_core.shapes.train_teacher " + " ".join(argv or [])}
+              "command": "python -m glance_shapes.train_teacher " + " ".join(argv or [])}
     write_text(record_path, json.dumps(record, indent=2) + "\n")
     print(json.dumps(record, indent=2))
 
