@@ -303,3 +303,22 @@ def check_matches(lora, layer_names, model_label="this model", key_map=None, str
             lora.path, f"matched {len(matched)} of {total} LoRA modules to layers of {model_label}; "
                        f"unmatched e.g. {', '.join(unmatched[:4])}.{hint} Is it for another model family?")
     return matched, unmatched
+
+
+def check_pair_phases(slow, fast, names=("slow", "fast")):
+    """Refuse a Slow/Fast pair given swapped or from two families (Glance metadata); `names` label the inputs.
+
+    Raises GlanceError starting with the input's name (a node input or a command-line flag).
+    """
+    for lora, want, name in ((slow, "slow", names[0]), (fast, "fast", names[1])):
+        if lora.glance is not None and lora.glance.phase != want:
+            raise GlanceError(f"{name}: {os.path.basename(lora.path)} is a {lora.glance.phase} LoRA (its Glance "
+                              f"metadata says so); give the {want} one here")
+    if slow.family and fast.family and slow.family != fast.family:
+        raise GlanceError(f"{names[1]}: {os.path.basename(fast.path)} is a {fast.family} LoRA but {names[0]} "
+                          f"{os.path.basename(slow.path)} is a {slow.family} LoRA: the two must be one pair")
+    if slow.glance is not None and fast.glance is not None and slow.glance.family == "explicit" and \
+            slow.glance.schedule and fast.glance.schedule and \
+            slow.glance.schedule.get("base_sigmas") != fast.glance.schedule.get("base_sigmas"):
+        raise GlanceError(f"{names[1]}: {os.path.basename(fast.path)} was trained on other base sigmas than "
+                          f"{names[0]} {os.path.basename(slow.path)}: the two must be one pair")
