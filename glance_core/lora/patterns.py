@@ -55,7 +55,32 @@ def compile_key(key):
         raise PatternError(f"pattern key {key[:80]!r} is not a valid regular expression ({e})") from None
     if tree.state.flags & ~(C.SRE_FLAG_UNICODE):
         raise PatternError(f"pattern key {key[:80]!r} uses regex flags, which are not supported here")
+    try:
+        _check_tree(tree)
+    except PatternError as e:
+        raise PatternError(f"pattern key {key[:80]!r}: {e}") from None
     return _Key(key, tree)
+
+
+def _check_tree(items):
+    # Refuse unsupported constructs up front, not only when a match happens to reach them.
+    for op, av in items:
+        if op in (C.LITERAL, C.NOT_LITERAL, C.ANY):
+            continue
+        if op is C.IN:
+            _in_class(av, "a")
+        elif op is C.SUBPATTERN:
+            if av[1] or av[2]:
+                raise PatternError("inline regex flags are not supported here")
+            _check_tree(av[3])
+        elif op is C.BRANCH:
+            for alt in av[1]:
+                _check_tree(alt)
+        elif op in (C.MAX_REPEAT, C.MIN_REPEAT, getattr(C, "POSSESSIVE_REPEAT", None)):
+            _check_tree(av[2])
+        elif not (op is C.AT and av in (C.AT_BEGINNING, C.AT_BEGINNING_STRING, C.AT_END, C.AT_END_STRING)):
+            raise PatternError(f"regex construct {op} is not supported here (only what a module-name "
+                               "pattern needs: literals, classes, groups, alternatives and repeats)")
 
 
 class _Key:
@@ -76,7 +101,10 @@ class _Key:
         n = len(name)
         # "$" also matches before a final newline, as in `re`.
         ends = {n, n - 1} if name.endswith("\n") else {n}
-        return any(ends & ev.seq(self.tree, s) for s in starts)
+        try:
+            return any(ends & ev.seq(self.tree, s) for s in starts)
+        except RecursionError:
+            raise PatternError(f"pattern key {self.key[:80]!r} nests too deeply") from None
 
 
 class _Eval:
