@@ -45,7 +45,9 @@ class GlanceSchedule(io.ComfyNode):
                                 tooltip="The latent to sample; its size sets the resolution-dependent shift. "
                                         "Without it, width and height are used."),
                 io.Int.Input("width", default=1024, min=16, max=16384, step=16,
-                             tooltip="Image width in pixels, used when no latent is connected."),
+                             tooltip="Image width in pixels, used when no latent is connected. Past about "
+                                     "4464x4464 px (FLUX) or 11056x11056 px (Qwen-Image) the family's shift "
+                                     "leaves no distinct steps, and the size is refused with the one that works."),
                 io.Int.Input("height", default=1024, min=16, max=16384, step=16,
                              tooltip="Image height in pixels, used when no latent is connected."),
                 io.Combo.Input("family", options=[AUTO, *comfyui_families()], default=AUTO,
