@@ -31,11 +31,11 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(HERE, ".."))
 from glance_core import runtime  # noqa: E402
 from glance_core.integrate import sample_glance_euler  # noqa: E402
-from glance_core.shapes import DEFAULT_CAPTION, data, judge, teacher as teacher_mod  # noqa: E402
-from glance_core.shapes.compare import fidelity  # noqa: E402
-from glance_core.shapes.demo import held_out  # noqa: E402
-from glance_core.shapes.glance import target_modules  # noqa: E402
-from glance_core.shapes.sampling import glance_schedule, noise_for, plain_steps  # noqa: E402
+from glance_shapes import DEFAULT_CAPTION, data, judge, teacher as teacher_mod  # noqa: E402
+from glance_shapes.compare import fidelity  # noqa: E402
+from glance_shapes.demo import held_out  # noqa: E402
+from glance_shapes.glance import target_modules  # noqa: E402
+from glance_shapes.sampling import glance_schedule, noise_for, plain_steps  # noqa: E402
 from glance_core.train import lora_pair_params  # noqa: E402
 
 SCHED = glance_schedule("consistent")

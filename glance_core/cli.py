@@ -13,6 +13,10 @@ from .schedule import DEFAULTS, MODES, build_schedule
 # Pixel multiple of every family with a diffusers pipeline, known before a pipeline (and its family) loads.
 PIXEL_MULTIPLE = max(f.pixel_multiple for f in REGISTRY if f.pipeline)
 
+MAX_SIDE = 16384   # px, generate's --width/--height
+MAX_IMAGES = 64    # generate's --num-images
+IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".webp")
+
 
 def _parser():
     p = argparse.ArgumentParser(prog="python -m glance_core",
@@ -115,10 +119,7 @@ def _cuda():
 
 def _load_pipeline(args):
     import torch
-    if not os.path.isdir(args.model):
-        raise GlanceError(f"--model {args.model}: no such folder")
-    if not os.path.isfile(os.path.join(args.model, "model_index.json")):
-        raise GlanceError(f"--model {args.model}: not a diffusers pipeline folder (no model_index.json)")
+    _model_family(args)
     import warnings
     from diffusers import DiffusionPipeline
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[args.dtype]
@@ -133,15 +134,11 @@ def _load_pipeline(args):
 def _generate(args):
     import torch
     from .diffusers_glance import generate, load_pair
-    if not args.no_pair and not (args.slow and args.fast):
-        raise GlanceError("give --slow and --fast (or --no-pair for the baseline)")
-    for flag, v in (("--width", args.width), ("--height", args.height)):
-        if v <= 0 or v % PIXEL_MULTIPLE:  # checked before the minutes a large pipeline takes to load
-            raise GlanceError(f"{flag} {v}: must be a positive multiple of {PIXEL_MULTIPLE} px (8x VAE, 2x2 "
-                              "patches)")
+    family = _check_generate(args)  # every flag, before the minutes a large pipeline takes to load
+    pair = None if args.no_pair else _read_pair(args, family)
     pipe = _load_pipeline(args)
-    if not args.no_pair:
-        print(load_pair(pipe, args.slow, args.fast, args.scale_policy), file=sys.stderr)
+    if pair is not None:
+        print(load_pair(pipe, *pair, args.scale_policy), file=sys.stderr)
     images = generate(pipe, args.prompt, negative_prompt=args.negative_prompt, true_cfg_scale=args.cfg,
                       guidance_scale=args.guidance, height=args.height, width=args.width, mode=args.mode,
                       generator=torch.Generator(args.device).manual_seed(args.seed),
@@ -154,6 +151,120 @@ def _generate(args):
         print(path)
 
 
+def _check_generate(args):
+    """Validate generate's flags without loading the model; returns the pipeline's family."""
+    if args.no_pair and (args.slow or args.fast):
+        raise GlanceError("--no-pair samples without adapters: drop --slow/--fast, or drop --no-pair")
+    if not args.no_pair and not (args.slow and args.fast):
+        raise GlanceError("give --slow and --fast (or --no-pair for the baseline)")
+    family = _model_family(args)
+    _check_device(args.device)
+    _check_int("--seed", args.seed, 0, 2 ** 64 - 1)
+    _check_int("--num-images", args.num_images, 1, MAX_IMAGES)
+    _check_float("--cfg", args.cfg, 0.0, 100.0)
+    _check_float("--guidance", args.guidance, 0.0, 100.0)
+    for flag, v in (("--width", args.width), ("--height", args.height)):
+        if v <= 0 or v % PIXEL_MULTIPLE or v > MAX_SIDE:
+            raise GlanceError(f"{flag} {v}: must be a positive multiple of {PIXEL_MULTIPLE} px (8x VAE, 2x2 patches), "
+                              f"at most {MAX_SIDE}")
+    try:
+        build_schedule(family, args.width, args.height, args.mode, **{k: getattr(args, k) for k in DEFAULTS})
+    except GlanceError as e:
+        raise GlanceError(f"schedule flags (--width/--height/--mode/--*-steps): {e}") from None
+    stem, ext = os.path.splitext(args.out)
+    if ext.lower() not in IMAGE_EXTS:
+        raise GlanceError(f"--out {args.out}: give an image file name ending in {', '.join(IMAGE_EXTS)}")
+    _check_writable_dir("--out", os.path.dirname(os.path.abspath(args.out)))
+    return family
+
+
+def _read_pair(args, family):
+    """Read --slow/--fast and check they form one pair for this pipeline's family (Glance metadata)."""
+    from .lora import check_pair_phases, read_lora
+    policy = "as stored" if args.scale_policy == "as the official pipeline" else args.scale_policy
+    slow, fast = (_named("--slow", read_lora, args.slow, policy), _named("--fast", read_lora, args.fast, policy))
+    check_pair_phases(slow, fast, ("--slow", "--fast"))
+    for lora, flag in ((slow, "--slow"), (fast, "--fast")):
+        if lora.family and lora.family != family:
+            raise GlanceError(f"{flag}: {os.path.basename(lora.path)} is a {lora.family} LoRA but --model is a "
+                              f"{family} pipeline: give a pair made for this model")
+    return slow, fast
+
+
+def _named(flag, fn, *a):
+    try:
+        return fn(*a)
+    except GlanceError as e:
+        raise GlanceError(f"{flag}: {e}") from None
+
+
+def _model_family(args):
+    """The Glance family of the --model folder, read from its model_index.json without loading weights."""
+    if not os.path.isdir(args.model):
+        raise GlanceError(f"--model {args.model}: no such folder")
+    index = os.path.join(args.model, "model_index.json")
+    if not os.path.isfile(index):
+        raise GlanceError(f"--model {args.model}: not a diffusers pipeline folder (no model_index.json)")
+    try:
+        with open(index, encoding="utf-8") as f:
+            cls = json.load(f).get("_class_name")
+    except (OSError, ValueError, RecursionError, AttributeError) as e:
+        raise GlanceError(f"--model {args.model}: unreadable model_index.json ({e})") from None
+    by_pipeline = {f.pipeline: f.name for f in REGISTRY if f.pipeline}
+    if cls not in by_pipeline:
+        raise GlanceError(f"--model {args.model}: a {cls} pipeline is not supported; use one of "
+                          f"{', '.join(by_pipeline)}")
+    return by_pipeline[cls]
+
+
+def _check_device(device):
+    import torch
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, ValueError, TypeError) as e:
+        raise GlanceError(f"--device {device!r}: not a torch device ({e})") from None
+    if dev.type == "cpu":
+        return
+    if dev.type == "cuda":
+        n = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if n == 0 or (dev.index or 0) >= n:
+            raise GlanceError(f"--device {device}: this machine has {n} CUDA device(s)")
+        return
+    if dev.type == "mps":
+        if not (hasattr(torch.backends, "mps") and torch.backends.mps.is_available()):
+            raise GlanceError(f"--device {device}: MPS is not available on this machine")
+        return
+    raise GlanceError(f"--device {device}: use cpu, cuda, cuda:N or mps")
+
+
+def _check_int(flag, v, lo, hi):
+    if not lo <= v <= hi:
+        raise GlanceError(f"{flag} {v}: must be in {lo}..{hi}")
+
+
+def _check_float(flag, v, lo, hi, open_lo=False):
+    import math
+    if v is None:
+        return
+    if not math.isfinite(v) or v < lo or v > hi or (open_lo and v == lo):
+        rng = f"({lo}, {hi}]" if open_lo else f"[{lo}, {hi}]"
+        raise GlanceError(f"{flag} {v}: must be a finite number in {rng}")
+
+
+def _check_writable_dir(flag, folder):
+    """Refuse a missing or unwritable output folder now, by writing and removing a probe file in it."""
+    import tempfile
+    if not os.path.isdir(folder):
+        raise GlanceError(f"{flag}: folder {folder} does not exist" if not os.path.exists(folder)
+                          else f"{flag}: {folder} is not a folder")
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".glance-probe-", dir=folder)
+        os.close(fd)
+        os.remove(probe)
+    except OSError as e:
+        raise GlanceError(f"{flag}: cannot write to {folder} ({e.strerror or e})") from None
+
+
 def _train(args):
     import numpy as np
     import torch
@@ -161,6 +272,7 @@ def _train(args):
     from tqdm import tqdm
     from .diffusers_train import train_pair
     from .plan import PairOutput
+    _check_train(args)  # every flag, before the minutes a large pipeline takes to load
     try:
         img = Image.open(args.image).convert("RGB")
     except (OSError, UnidentifiedImageError) as e:
@@ -193,11 +305,44 @@ def _train(args):
         print(p)
 
 
+def _check_train(args):
+    """Validate train's flags without loading the model."""
+    _model_family(args)
+    _check_device(args.device)
+    _check_int("--steps", args.steps, 1, 10000)
+    if args.rank is not None:
+        _check_int("--rank", args.rank, 1, 512)
+    _check_float("--alpha", args.alpha, 0.0, 4096.0, open_lo=True)
+    _check_float("--lr", args.lr, 0.0, 1.0, open_lo=True)
+    _check_float("--caption-dropout", args.caption_dropout, 0.0, 1.0)
+    _check_int("--resolution", args.resolution, 256, 4096)
+    _check_int("--seed", args.seed, 0, 2 ** 64 - 1)
+    if not os.path.isfile(args.image):
+        raise GlanceError(f"--image {args.image}: no such file")
+    name = args.name
+    if not name or name in (".", "..") or any(c in name for c in "/\\:\0") or len(name) > 200:
+        raise GlanceError(f"--name {name!r}: must be a plain file name (no folders), at most 200 characters")
+    _check_writable_dir("--out-dir", os.path.abspath(args.out_dir))
+    phases = ("slow", "fast") if args.phases == "both" else (args.phases,)
+    taken = [p for p in (os.path.join(args.out_dir, f"{name}_{ph}.safetensors") for ph in phases)
+             if os.path.exists(p)]
+    if taken and not args.overwrite:
+        raise GlanceError(f"--name {name}: {', '.join(taken)} exists; choose another name or pass --overwrite")
+
+
+def _floats(flag, text):
+    """Parse a comma-separated list of numbers given to `flag`."""
+    try:
+        return [float(x) for x in text.split(",")]
+    except ValueError:
+        raise GlanceError(f"{flag} {text!r}: give numbers separated by commas, e.g. 1.0,0.75,0.5,0.25") from None
+
+
 def main(argv=None):
     args = _parser().parse_args(argv)
     try:
         if args.command == "schedule":
-            base = [float(x) for x in args.sigmas.split(",")] if args.sigmas else None
+            base = _floats("--sigmas", args.sigmas) if args.sigmas else None
             sched = build_schedule(args.family, args.width, args.height, args.mode, base_sigmas=base,
                                    **{k: getattr(args, k) for k in DEFAULTS})
             print(sched.to_json(indent=args.indent))
@@ -212,7 +357,13 @@ def main(argv=None):
                               "namespace": lora.namespace, "modules": len(lora.modules), "ranks": lora.ranks,
                               "scale": lora.scale_note, "ignored": lora.ignored,
                               "glance": None if lora.glance is None else vars(lora.glance)}, indent=2))
-    except (GlanceError, ValueError) as e:
+    except (GlanceError, ValueError) as e:  # GlanceError names the flag; a library's ValueError is shown as is
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except OSError as e:  # disk full, permissions, a vanished file: the environment, not a bug
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
     return 0

@@ -8,10 +8,12 @@ All sigma values are in [0, 1]; timesteps (t = 1000 * sigma) appear only in the 
 import json
 import math
 import operator
+import struct
 from dataclasses import asdict, dataclass
 
 from .errors import ScheduleError
 from .families import get_family
+from .sigmas import SaturatedShift
 
 MODES = ("consistent", "reference")
 PHASES = ("slow", "fast")
@@ -42,6 +44,7 @@ class Schedule:
     slow_indices: tuple
     fast_indices: tuple
     steps: tuple
+    base_sigmas: tuple = None  # family 'explicit' only: the base grid compressed (recorded so a pair can be rebuilt)
 
     def phase_sigmas(self, phase):
         """Conditioning sigmas of one phase, in sampling order."""
@@ -63,7 +66,10 @@ class Schedule:
 
     def to_dict(self):
         """Plain-data form (JSON-safe): the inputs, per-phase lists and every step."""
-        d = {k: v for k, v in asdict(self).items() if k not in ("steps", "slow_indices", "fast_indices")}
+        d = {k: v for k, v in asdict(self).items()
+             if k not in ("steps", "slow_indices", "fast_indices", "base_sigmas")}
+        if self.base_sigmas is not None:
+            d["base_sigmas"] = list(self.base_sigmas)
         for phase, idx in (("slow", self.slow_indices), ("fast", self.fast_indices)):
             sig = self.phase_sigmas(phase)
             d[phase] = {"indices": list(idx), "sigmas": sig, "timesteps": [1000.0 * s for s in sig]}
@@ -82,10 +88,11 @@ class Schedule:
         try:
             steps = tuple(Step(s["phase"], float(s["sigma"]), float(s["sigma_from"]), float(s["sigma_to"]))
                           for s in d["steps"])
+            base = d.get("base_sigmas")
             return cls(d["family"], d["mode"], d["width"], d["height"], d["base_steps"], d["slow_steps"],
                        d["slow_stride"], d["fast_steps"], tuple(d["slow"]["indices"]),
-                       tuple(d["fast"]["indices"]), steps)
-        except (KeyError, TypeError, ValueError) as e:
+                       tuple(d["fast"]["indices"]), steps, None if base is None else tuple(float(s) for s in base))
+        except (KeyError, TypeError, ValueError, AttributeError, OverflowError) as e:
             raise ScheduleError(f"stored schedule is incomplete or malformed ({e!r})") from None
 
 
@@ -149,9 +156,17 @@ def build_schedule(family="qwen-image", width=1024, height=1024, mode="consisten
         if base_sigmas is not None:
             raise ScheduleError(f"base_sigmas is only for family 'explicit', not {fam.name!r}")
         _int("base_steps", cfg["base_steps"], 2, MAX_BASE_STEPS)
-        grid = fam.base_sigmas(cfg["base_steps"], width, height)
+        try:
+            grid = fam.base_sigmas(cfg["base_steps"], width, height)
+        except SaturatedShift:
+            raise ScheduleError(_collapsed(fam, width, height, cfg)) from None
     slow_idx, fast_idx = glance_indices(**cfg)
     cond = [("slow", grid[i]) for i in slow_idx] + [("fast", grid[i]) for i in fast_idx]
+    if not _distinct([s for _, s in cond]):
+        if fam.shift_mode == "explicit":
+            raise ScheduleError("explicit base_sigmas: the steps' sigmas are not distinct in float32 (the "
+                                "precision ComfyUI samples at); spread them further apart")
+        raise ScheduleError(_collapsed(fam, width, height, cfg))
 
     if mode == "consistent":
         nxt = [s for _, s in cond[1:]] + [0.0]
@@ -165,13 +180,90 @@ def build_schedule(family="qwen-image", width=1024, height=1024, mode="consisten
         out += [Step("fast", s, fast_grid[j], fast_grid[j + 1])
                 for j, (_, s) in enumerate(cond[len(slow_idx):])]
     return Schedule(fam.name, mode, width, height, cfg["base_steps"], cfg["slow_steps"], cfg["slow_stride"],
-                    cfg["fast_steps"], slow_idx, fast_idx, tuple(out))
+                    cfg["fast_steps"], slow_idx, fast_idx, tuple(out),
+                    tuple(grid) if fam.shift_mode == "explicit" else None)
+
+
+def _distinct(sigmas):
+    # ComfyUI carries sigmas as float32: steps that round to one value would be no steps at all.
+    f32 = [struct.unpack("f", struct.pack("f", s))[0] for s in sigmas]
+    return all(math.isfinite(s) and 0.0 < s <= 1.0 for s in sigmas) and all(b < a for a, b in zip(f32, f32[1:]))
+
+
+def _collapsed(fam, width, height, cfg):
+    """Why a preset's grid has no usable steps at this size, with the largest square size that has them."""
+    m = fam.pixel_multiple
+    lo, hi = 1, max(width, height) // m  # in units of the pixel multiple; lo is assumed to work
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        try:
+            ok = _distinct(_cond_sigmas(fam, mid * m, mid * m, cfg))
+        except ScheduleError:
+            ok = False
+        lo, hi = (mid, hi) if ok else (lo, mid)
+    return (f"{fam.label} at {width}x{height} px: the family's resolution shift pushes the Glance steps' sigmas "
+            f"so close to 1 that they are no longer distinct (every step would be the same pure-noise step). "
+            f"Its schedule works up to about {lo * m}x{lo * m} px (or the same number of pixels) with these "
+            f"step settings; generate smaller and upscale")
+
+
+def _cond_sigmas(fam, width, height, cfg):
+    grid = fam.base_sigmas(cfg["base_steps"], width, height)
+    slow_idx, fast_idx = glance_indices(**cfg)
+    return [grid[i] for i in slow_idx + fast_idx]
+
+
+def model_size(family, latent_height, latent_width):
+    """(width, height) in pixels that the model really sees for a latent of this many cells.
+
+    Patch-based models pad the latent up to whole patches (ComfyUI's pad_to_patch_size), so a latent
+    from a size that is a multiple of the VAE factor but not of the patch size is seen one patch larger.
+    """
+    fam = get_family(family)
+    cells = [-(-int(v) // fam.patch_size) * fam.patch_size for v in (latent_width, latent_height)]
+    if min(cells) <= 0:
+        raise ScheduleError(f"latent of {latent_width}x{latent_height} cells is empty")
+    return cells[0] * fam.vae_factor, cells[1] * fam.vae_factor
+
+
+def check_stored(d):
+    """Rebuild a schedule recorded in LoRA metadata and check it is one this pack could have made."""
+    sched = Schedule.from_dict(d)
+    fam = get_family(sched.family)
+    for name in ("width", "height"):
+        v = getattr(sched, name)
+        if not isinstance(v, int) or isinstance(v, bool) or not 0 < v <= 1 << 20:
+            raise ScheduleError(f"{name} {v!r} is not a plausible pixel size")
+    for name in DEFAULTS:
+        _int(name, getattr(sched, name), 1, MAX_BASE_STEPS)
+    if sched.mode not in MODES:
+        raise ScheduleError(f"unknown mode {sched.mode!r}")
+    slow, fast = glance_indices(sched.base_steps, sched.slow_steps, sched.slow_stride, sched.fast_steps)
+    if (slow, fast) != (sched.slow_indices, sched.fast_indices):
+        raise ScheduleError("its step indices do not follow from its step settings")
+    if len(sched.steps) != len(slow) + len(fast) or \
+            [s.phase for s in sched.steps] != ["slow"] * len(slow) + ["fast"] * len(fast):
+        raise ScheduleError("its steps do not match its step settings")
+    if not _distinct([s.sigma for s in sched.steps]) or \
+            not all(math.isfinite(v) and 0.0 <= v <= 1.0 for s in sched.steps for v in (s.sigma_from, s.sigma_to)):
+        raise ScheduleError("its sigmas are not finite, decreasing values in (0, 1]")
+    if fam.shift_mode == "explicit":
+        if sched.base_sigmas is not None:
+            grid = _explicit_grid(sched.base_sigmas)
+            if len(grid) != sched.base_steps:
+                raise ScheduleError(f"base_steps {sched.base_steps} but {len(grid)} base_sigmas")
+    elif sched.base_sigmas is not None:
+        raise ScheduleError(f"base_sigmas recorded for preset family {fam.name!r}")
+    return sched
 
 
 def _explicit_grid(base_sigmas):
     if base_sigmas is None or len(base_sigmas) == 0:
         raise ScheduleError("family 'explicit' needs base_sigmas: the base schedule's sigmas, highest first")
-    grid = [float(s) for s in base_sigmas]
+    try:
+        grid = [float(s) for s in base_sigmas]
+    except (TypeError, ValueError) as e:
+        raise ScheduleError(f"explicit base_sigmas must be numbers ({e})") from None
     if grid[-1] == 0.0:
         grid = grid[:-1]  # accept a ComfyUI SIGMAS list with its closing 0
     if any(not (0.0 < s <= 1.0) for s in grid):
@@ -180,4 +272,6 @@ def _explicit_grid(base_sigmas):
         raise ScheduleError("explicit base_sigmas must be strictly decreasing")
     if len(grid) < 2:
         raise ScheduleError("explicit base_sigmas needs at least 2 nonzero sigmas")
+    if len(grid) > MAX_BASE_STEPS:
+        raise ScheduleError(f"explicit base_sigmas: {len(grid)} sigmas, at most {MAX_BASE_STEPS}")
     return grid

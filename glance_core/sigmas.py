@@ -4,6 +4,15 @@ All values here are sigmas in [0, 1] (sigma = 1 is pure noise); timesteps are t 
 """
 import math
 
+from .errors import ScheduleError
+
+# Below this, 1 - sigma has lost most of its float64 digits: the terminal stretch would amplify noise.
+MIN_STRETCH_ROOM = 1e-9
+
+
+class SaturatedShift(ScheduleError):
+    """The resolution shift pushed a grid so close to sigma 1 that it cannot be used (too large an image)."""
+
 
 def linear_mu(seq_len, base_seq_len, max_seq_len, base_shift, max_shift):
     """Resolution-dependent shift mu for an image of `seq_len` tokens (line through the two anchors)."""
@@ -15,8 +24,10 @@ def exponential_shift(sigma, mu):
     """Exponential time shift of one sigma: e^mu / (e^mu + 1/sigma - 1); fixes 0 and 1."""
     if sigma <= 0.0:
         return 0.0
-    e = math.exp(mu)
-    return e / (e + (1.0 / sigma - 1.0))
+    r = 1.0 / sigma - 1.0
+    if mu >= 0.0:  # the same value as e^mu / (e^mu + r), without overflowing for a huge image's mu
+        return 1.0 / (1.0 + math.exp(-mu) * r)
+    return math.exp(mu) / (math.exp(mu) + r)
 
 
 def static_shift(sigma, shift):
@@ -26,7 +37,10 @@ def static_shift(sigma, shift):
 
 def stretch_to_terminal(sigmas, terminal):
     """Qwen-Image terminal stretch: rescale 1 - sigma so the last sigma becomes `terminal`."""
-    scale = (1.0 - sigmas[-1]) / (1.0 - terminal)
+    room = 1.0 - sigmas[-1]
+    if not room >= MIN_STRETCH_ROOM:
+        raise SaturatedShift(f"the last sigma {sigmas[-1]!r} is too close to 1 to stretch to {terminal}")
+    scale = room / (1.0 - terminal)
     return [1.0 - (1.0 - s) / scale for s in sigmas]
 
 

@@ -7,7 +7,7 @@ from comfy_api.v0_0_2 import io
 
 from ..glance_core import runtime
 from ..glance_core.errors import GlanceError
-from ..glance_core.lora import SCALE_POLICIES, read_lora
+from ..glance_core.lora import SCALE_POLICIES, check_pair_phases, read_lora
 from .comfy_model import family_of, model_label, require_flow
 from .pair import GlancePair, attach, key_map_of, pair_steps, with_pair
 
@@ -47,13 +47,7 @@ def load_pair(model, slow_name, fast_name, strength_slow, strength_fast, scale_p
     require_flow(model)
     slow = read_input(slow_name, "slow_lora", scale_policy)
     fast = read_input(fast_name, "fast_lora", scale_policy)
-    for lora, want, input_name in ((slow, "slow", "slow_lora"), (fast, "fast", "fast_lora")):
-        if lora.glance is not None and lora.glance.phase != want:
-            raise GlanceError(f"{input_name}: {os.path.basename(lora.path)} is a {lora.glance.phase} LoRA "
-                              f"(its Glance metadata says so); pick the {want} one here")
-    if slow.family and fast.family and slow.family != fast.family:
-        raise GlanceError(f"fast_lora: {os.path.basename(fast.path)} is a {fast.family} LoRA but slow_lora "
-                          f"{os.path.basename(slow.path)} is a {slow.family} LoRA: the two must be one pair")
+    check_pair_phases(slow, fast, ("slow_lora", "fast_lora"))
     model_family = family_of(model)
     for lora, input_name in ((slow, "slow_lora"), (fast, "fast_lora")):
         if lora.family and model_family and lora.family != model_family:
@@ -76,7 +70,8 @@ def load_pair(model, slow_name, fast_name, strength_slow, strength_fast, scale_p
     report = "\n".join(lines)
     for line in lines:
         log.info("Glance pair %s", line)
-    pair = GlancePair(adapters["slow"], adapters["fast"], family, steps, report)
+    fixed, base = _explicit_schedule(slow, fast) if family == "explicit" else (None, None)
+    pair = GlancePair(adapters["slow"], adapters["fast"], family, steps, report, fixed, base)
     return with_pair(model, pair), report
 
 
@@ -85,6 +80,13 @@ PICK_HINT = ("Empty list? Download glance_qwen_slow.safetensors and glance_qwen_
              "R to refresh. The official files are recognised by their tensor layout whatever they are named (and read "
              "at the scale they were trained at under 'as trained'); they do not say which is slow and which fast, "
              "so pick each here.")
+def _explicit_schedule(slow, fast):
+    """(boundary sigma, base sigmas or None) of a pair trained on an explicit schedule, from its metadata."""
+    for lora in (slow, fast):
+        sched = lora.glance.stored_schedule() if lora.glance is not None else None
+        if sched is not None:
+            return sched.boundary, sched.base_sigmas
+    raise GlanceError("slow_lora: the pair says family 'explicit' but records no schedule; it cannot be sampled")
 
 
 class GlanceLoRAPairLoader(io.ComfyNode):

@@ -75,13 +75,14 @@ def _add_branch(model, path, name, m, target, adapter, strength):
 class GlancePair:
     """The APPLY_MODEL wrapper a Glance MODEL carries: picks the slow or fast adapter for each model call."""
 
-    def __init__(self, slow, fast, family, steps, report, fixed_boundary=None):
+    def __init__(self, slow, fast, family, steps, report, fixed_boundary=None, base_sigmas=None):
         self.adapters = {"slow": slow, "fast": fast}
         self.family = family    # schedule preset of the pair (metadata, else the model's family)
         self.steps = steps      # step settings the pair was trained for
         self.report = report
         self.trace = None       # set to a list to record (sigma, phase) of every call (tests, debugging)
         self.fixed_boundary = fixed_boundary  # for pairs on explicit schedules (no preset to compute one)
+        self.base_sigmas = base_sigmas  # family 'explicit': the recorded base grid the schedule nodes compress
         self._boundaries = {}
 
     def boundary(self, x, transformer_options):

@@ -70,7 +70,7 @@ class GlanceSampler(io.ComfyNode):
                 slow_steps, slow_stride, fast_steps) -> io.NodeOutput:
         latent = comfy.sample.fix_empty_latent_channels(model, latent_image["samples"])
         steps = dict(base_steps=base_steps, slow_steps=slow_steps, slow_stride=slow_stride, fast_steps=fast_steps)
-        sched = schedule_for(model, family, {"samples": latent}, 0, 0, None, steps, mode)
+        sched = schedule_for(model, family, {"samples": latent}, 0, 0, None, steps, mode, "latent_image")
         sigmas = torch.tensor(sched.sigmas, dtype=torch.float32)
         if mode == "reference":
             if sampler_name != "euler":

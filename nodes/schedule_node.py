@@ -6,7 +6,7 @@ from comfy_api.v0_0_2 import io
 
 from ..glance_core.errors import GlanceError
 from ..glance_core.families import comfyui_families, get_family
-from ..glance_core.schedule import DEFAULTS, build_schedule
+from ..glance_core.schedule import DEFAULTS, build_schedule, model_size
 from .comfy_model import family_of, model_label, require_flow
 from .pair import pair_of
 
@@ -45,7 +45,9 @@ class GlanceSchedule(io.ComfyNode):
                                 tooltip="The latent to sample; its size sets the resolution-dependent shift. "
                                         "Without it, width and height are used."),
                 io.Int.Input("width", default=1024, min=16, max=16384, step=16,
-                             tooltip="Image width in pixels, used when no latent is connected."),
+                             tooltip="Image width in pixels, used when no latent is connected. Past about "
+                                     "4464x4464 px (FLUX) or 11056x11056 px (Qwen-Image) the family's shift "
+                                     "leaves no distinct steps, and the size is refused with the one that works."),
                 io.Int.Input("height", default=1024, min=16, max=16384, step=16,
                              tooltip="Image height in pixels, used when no latent is connected."),
                 io.Combo.Input("family", options=[AUTO, *comfyui_families()], default=AUTO,
@@ -71,24 +73,39 @@ class GlanceSchedule(io.ComfyNode):
         return io.NodeOutput(torch.tensor(sched.sigmas, dtype=torch.float32))
 
 
-def schedule_for(model, family, latent, width, height, base_sigmas, steps, mode="consistent"):
+def schedule_for(model, family, latent, width, height, base_sigmas, steps, mode="consistent",
+                 latent_input="latent"):
     """Build the glance_core schedule for a MODEL; errors name the node input at fault."""
     require_flow(model)
+    pair = pair_of(model)
     if family == AUTO:
-        pair = pair_of(model)  # a pair's own preset (its metadata) wins over the model's
-        family = pair.family if pair is not None and pair.family != "explicit" else family_of(model)
+        # A pair's own preset (its metadata) wins over the model's; a pair on an explicit schedule
+        # brings its recorded base sigmas.
+        family = pair.family if pair is not None else family_of(model)
         if family is None:
             raise GlanceError(f"family: no Glance preset knows this {model_label(model)} model; choose a family, "
                               "or 'explicit' with base_sigmas")
     fam = get_family(family)
     if latent is not None:
         samples = latent["samples"]
-        height, width = samples.shape[-2] * fam.vae_factor, samples.shape[-1] * fam.vae_factor
+        try:
+            width, height = model_size(fam.name, samples.shape[-2], samples.shape[-1])
+        except GlanceError as e:
+            raise GlanceError(f"{latent_input}: {e}") from None
     explicit = None
     if fam.shift_mode == "explicit":
-        if base_sigmas is None:
-            raise GlanceError("base_sigmas: family 'explicit' needs the base schedule connected")
-        explicit = [float(s) for s in base_sigmas]
+        if base_sigmas is not None:
+            explicit = [float(s) for s in base_sigmas]
+        elif pair is not None and getattr(pair, "base_sigmas", None) is not None:
+            explicit = list(pair.base_sigmas)
+        else:
+            raise GlanceError("base_sigmas: family 'explicit' needs the base schedule connected (or a model "
+                              "carrying a pair trained on an explicit schedule)")
     elif base_sigmas is not None:
         raise GlanceError(f"base_sigmas: only used with family 'explicit', not {fam.name}; disconnect it")
-    return build_schedule(fam.name, int(width), int(height), mode, base_sigmas=explicit, **steps)
+    try:
+        return build_schedule(fam.name, int(width), int(height), mode, base_sigmas=explicit, **steps)
+    except GlanceError as e:
+        if latent is not None and "px" in str(e):
+            raise GlanceError(f"{latent_input}: {e}") from None
+        raise

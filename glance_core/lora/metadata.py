@@ -1,10 +1,13 @@
 """The Glance metadata schema, stored as one JSON string under the safetensors header key "glance"."""
 import json
+import math
 from dataclasses import asdict, dataclass, field
 
 from .. import __version__
-from ..errors import LoraFileError
-from ..schedule import PHASES
+from ..errors import GlanceError, LoraFileError
+from ..families import get_family
+from ..schedule import PHASES, Schedule, check_stored
+from .safefile import json_object
 
 HEADER_KEY = "glance"
 SCHEMA_VERSION = 1
@@ -29,20 +32,43 @@ class GlanceMeta:
         """Raise LoraFileError (naming `path`) if a field is missing or malformed; returns self."""
         def bad(why):
             raise LoraFileError(path, f"bad Glance metadata: {why}")
-        if self.phase not in PHASES:
+        def number(v):
+            return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+        if not isinstance(self.phase, str) or self.phase not in PHASES:
             bad(f"phase must be one of {PHASES}, got {self.phase!r}")
         if not isinstance(self.family, str) or not self.family:
             bad("family missing")
-        if not isinstance(self.sigmas, list) or not self.sigmas or \
-                not all(isinstance(s, (int, float)) and 0 <= s <= 1 for s in self.sigmas):
-            bad("sigmas must be a non-empty list of numbers in [0, 1]")
-        if not isinstance(self.rank, int) or self.rank < 1:
+        try:
+            get_family(self.family)
+        except GlanceError as e:
+            bad(str(e))
+        if not isinstance(self.sigmas, list) or not self.sigmas or len(self.sigmas) > 1000 or \
+                not all(number(s) and 0 <= s <= 1 for s in self.sigmas):
+            bad("sigmas must be a non-empty list of at most 1000 numbers in [0, 1]")
+        if not isinstance(self.rank, int) or isinstance(self.rank, bool) or self.rank < 1:
             bad(f"rank must be a positive integer, got {self.rank!r}")
-        if not isinstance(self.alpha, (int, float)) or self.alpha <= 0:
-            bad(f"alpha must be positive, got {self.alpha!r}")
-        if not isinstance(self.target_modules, list):
-            bad("target_modules must be a list")
+        if not number(self.alpha) or self.alpha <= 0:
+            bad(f"alpha must be a positive finite number, got {self.alpha!r}")
+        if not isinstance(self.target_modules, list) or not all(isinstance(t, str) for t in self.target_modules):
+            bad("target_modules must be a list of module names")
+        if not isinstance(self.extra, dict):
+            bad("extra must be a JSON object")
+        if self.schedule is not None:
+            if not isinstance(self.schedule, dict):
+                bad("schedule must be a JSON object")
+            try:
+                sched = check_stored(self.schedule)
+            except GlanceError as e:
+                bad(f"schedule: {e}")
+            if sched.family != get_family(self.family).name:
+                bad(f"schedule is for family {sched.family!r} but the file says {self.family!r}")
+            if self.phase in PHASES and not _close(sched.phase_sigmas(self.phase), self.sigmas):
+                bad(f"sigmas {self.sigmas} are not the schedule's {self.phase} sigmas")
         return self
+
+    def stored_schedule(self):
+        """The pair's schedule as recorded at training (a Schedule), or None if the file records none."""
+        return None if self.schedule is None else Schedule.from_dict(self.schedule)
 
     def to_header(self):
         """safetensors metadata entries (strings only) for this record."""
@@ -57,14 +83,9 @@ class GlanceMeta:
         raw = (metadata or {}).get(HEADER_KEY)
         if raw is None:
             return None
-        try:
-            d = json.loads(raw)
-            if not isinstance(d, dict):
-                raise ValueError("not a JSON object")
-        except ValueError as e:
-            raise LoraFileError(path, f"bad Glance metadata: not valid JSON ({e})") from None
+        d = json_object(raw, path, "Glance metadata")
         version = d.get("schema_version")
-        if not isinstance(version, int):
+        if not isinstance(version, int) or isinstance(version, bool):
             raise LoraFileError(path, "bad Glance metadata: no schema_version")
         if version > SCHEMA_VERSION:
             raise LoraFileError(path, f"Glance metadata schema {version} is newer than this pack understands "
@@ -73,7 +94,14 @@ class GlanceMeta:
         missing = {"phase", "family", "sigmas", "rank", "alpha", "target_modules"} - set(d)
         if missing:
             raise LoraFileError(path, f"bad Glance metadata: missing {', '.join(sorted(missing))}")
-        extra = dict(d.get("extra") or {})
+        extra = d.get("extra") or {}
+        if not isinstance(extra, dict):
+            raise LoraFileError(path, "bad Glance metadata: extra must be a JSON object")
+        extra = dict(extra)
         extra.update({k: v for k, v in d.items() if k not in known})  # keep unknown fields, never drop
         fields = {k: v for k, v in d.items() if k in known and k != "extra"}
         return cls(**fields, extra=extra).validate(path)
+
+
+def _close(a, b):
+    return len(a) == len(b) and all(abs(x - y) <= 1e-6 for x, y in zip(a, b))

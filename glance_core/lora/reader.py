@@ -6,17 +6,21 @@ import os
 import re
 from dataclasses import dataclass, field
 
-from safetensors import safe_open
+import torch
 
-from ..errors import LoraFileError, LoraMismatchError
+from safetensors import SafetensorError, safe_open
+
+from ..errors import GlanceError, LoraFileError, LoraMismatchError
 from . import layouts
 from .metadata import GlanceMeta
-from .safefile import read_header
+from .patterns import PatternError, PatternSet
+from .safefile import json_object, read_header
 
 log = logging.getLogger("glance")
 SCALE_POLICIES = ("as trained", "as stored")
 OFFICIAL_ATTN = re.compile(r"\.attn\.(to_q|to_k|to_v|to_out\.0)$")
 OFFICIAL_ALPHA_PER_RANK = 4.0  # the official Glance recipes train at alpha = 4 x rank
+MAX_SIDE_CONFIG = 10 * 1024 * 1024  # bytes of an adapter_config.json beside the file
 
 
 @dataclass
@@ -105,21 +109,46 @@ def read_lora(path, scale_policy="as trained", device="cpu"):
     namespace = namespaces.pop()
 
     modules = {}
-    with safe_open(path, framework="pt", device=device) as f:
-        for module, roles in sorted(parts.items()):
-            if "down" not in roles or "up" not in roles:
-                have = ", ".join(sorted(roles))
-                raise LoraFileError(path, f"module {module!r} has {have} but needs both down and up weights")
-            down, up = f.get_tensor(roles["down"]), f.get_tensor(roles["up"])
-            _check_shapes(path, module, down, up)
-            alpha = float(f.get_tensor(roles["alpha"]).float().item()) if "alpha" in roles else None
-            modules[module] = LoraModule(down, up, alpha)
+    try:
+        with safe_open(path, framework="pt", device=device) as f:
+            for module, roles in sorted(parts.items()):
+                if "down" not in roles or "up" not in roles:
+                    have = ", ".join(sorted(roles))
+                    raise LoraFileError(path, f"module {module!r} has {have} but needs both down and up weights")
+                down, up = f.get_tensor(roles["down"]), f.get_tensor(roles["up"])
+                _check_shapes(path, module, down, up)
+                alpha = _alpha(path, module, f.get_tensor(roles["alpha"])) if "alpha" in roles else None
+                for role, t in (("down", down), ("up", up)):
+                    _check_finite(path, roles[role], t)
+                modules[module] = LoraModule(down, up, alpha)
+    except (SafetensorError, OSError, RuntimeError) as e:  # what safetensors/torch raise on a bad file
+        raise LoraFileError(path, f"cannot read the tensors ({type(e).__name__}: {str(e)[:300]})") from None
 
     layout = _layout(namespace, styles, modules, glance, header)
     lora = LoraFile(path, layout, namespace, modules, metadata, glance, scale_policy, ignored=ignored)
     _apply_scales(lora, _trained_scales(lora, path))
     log.info("Glance LoRA %s", lora.summary())
     return lora
+
+
+def _alpha(path, module, t):
+    if t.numel() != 1:
+        raise LoraFileError(path, f"module {module!r}: alpha has shape {tuple(t.shape)}, needs one number")
+    if not (t.dtype.is_floating_point or t.dtype in (torch.int8, torch.int16, torch.int32, torch.int64,
+                                                     torch.uint8)):
+        raise LoraFileError(path, f"module {module!r}: alpha is a {t.dtype} tensor, needs a number")
+    a = float(t.float().item())
+    if not math.isfinite(a):
+        raise LoraFileError(path, f"module {module!r}: alpha is {a} (not a finite number); the file is broken")
+    return a
+
+
+def _check_finite(path, key, t):
+    # A NaN or inf weight makes every image all-NaN: refuse the file instead of sampling garbage.
+    if t.dtype.is_floating_point and t.numel() and not bool(torch.isfinite(t).all()):
+        bad = int((~torch.isfinite(t)).sum())
+        raise LoraFileError(path, f"tensor {key!r} holds {bad} NaN or infinite values; the file is broken "
+                                  "(a diverged training run?)")
 
 
 def _check_shapes(path, module, down, up):
@@ -154,7 +183,7 @@ def _trained_scales(lora, path):
         return {n: float(lora.glance.alpha) / m.rank for n, m in lora.modules.items()}, "Glance metadata"
     cfg = _peft_config(lora.metadata, path)
     if cfg is not None:
-        return _scales_from_peft_config(cfg, lora.modules), "the file's peft adapter config"
+        return _scales_from_peft_config(cfg, lora.modules, path), "the file's peft adapter config"
     if lora.layout == "glance-official":
         return ({n: OFFICIAL_ALPHA_PER_RANK for n in lora.modules},
                 "official Glance layout, trained at alpha = 4 x rank")
@@ -188,37 +217,57 @@ def _peft_config(metadata, path):
     """The peft LoraConfig dict a diffusers/peft file carries (header or adapter_config.json beside it)."""
     raw = metadata.get("lora_adapter_metadata")
     if raw is not None:
-        try:
-            cfg = json.loads(raw)
-        except ValueError:
-            raise LoraFileError(path, "corrupt lora_adapter_metadata (not JSON)") from None
+        cfg = json_object(raw, path, "lora_adapter_metadata")
         # Pipeline-level saves prefix every key with the component name ("transformer.lora_alpha").
         if "lora_alpha" not in cfg:
             cfg = {k.split(".", 1)[1]: v for k, v in cfg.items() if k.startswith("transformer.")}
-        return cfg if "lora_alpha" in cfg else None
+        return _checked_peft_config(cfg, path, "lora_adapter_metadata") if "lora_alpha" in cfg else None
     side = os.path.join(os.path.dirname(path), "adapter_config.json")
     if os.path.basename(path) == "adapter_model.safetensors" and os.path.isfile(side):
         try:
-            with open(side, encoding="utf-8") as fh:
-                cfg = json.load(fh)
-        except ValueError:
-            raise LoraFileError(side, "corrupt adapter_config.json (not JSON)") from None
-        return cfg if "lora_alpha" in cfg else None
+            with open(side, "rb") as fh:
+                text = fh.read(MAX_SIDE_CONFIG + 1).decode("utf-8")
+        except (OSError, UnicodeDecodeError) as e:
+            raise LoraFileError(side, f"cannot read adapter_config.json ({e})") from None
+        if len(text) > MAX_SIDE_CONFIG:
+            raise LoraFileError(side, f"adapter_config.json is over {MAX_SIDE_CONFIG} bytes; not a peft config")
+        cfg = json_object(text, side, "adapter_config.json")
+        return _checked_peft_config(cfg, side, "adapter_config.json") if "lora_alpha" in cfg else None
     return None
 
 
-def _scales_from_peft_config(cfg, modules):
-    # peft: an alpha_pattern key applies to a module whose name ends with it; else lora_alpha.
+def _checked_peft_config(cfg, path, what):
+    """The fields of a peft config this reader uses, type-checked; LoraFileError naming `what` otherwise."""
+    def number(v):
+        return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+    if not number(cfg["lora_alpha"]):
+        raise LoraFileError(path, f"{what}: lora_alpha is {cfg['lora_alpha']!r}, needs a finite number")
+    pattern = cfg.get("alpha_pattern")
+    pattern = {} if pattern is None else pattern
+    if not isinstance(pattern, dict) or not all(number(a) for a in pattern.values()):
+        raise LoraFileError(path, f"{what}: alpha_pattern must map module patterns to finite numbers")
+    if not isinstance(cfg.get("use_rslora", False), bool):
+        raise LoraFileError(path, f"{what}: use_rslora is {cfg['use_rslora']!r}, needs true or false")
+    try:
+        patterns = PatternSet(pattern)
+    except PatternError as e:
+        raise LoraFileError(path, f"{what}: alpha_pattern: {e}") from None
+    return {"lora_alpha": cfg["lora_alpha"], "alpha_pattern": pattern, "patterns": patterns,
+            "use_rslora": cfg.get("use_rslora", False), "where": what}
+
+
+def _scales_from_peft_config(cfg, modules, path):
+    # peft: the first alpha_pattern key matching `(.*\.)?(key)$` applies; else lora_alpha.
+    # The keys are evaluated by patterns.PatternSet, in bounded time whatever the file holds.
     # rsLoRA scales by alpha / sqrt(r) instead of alpha / r.
-    pattern = cfg.get("alpha_pattern") or {}
     out = {}
     for name, m in modules.items():
-        alpha = cfg["lora_alpha"]
-        for pat, a in pattern.items():
-            if re.match(rf"(.*\.)?({pat})$", name):
-                alpha = a
-                break
-        out[name] = float(alpha) / (math.sqrt(m.rank) if cfg.get("use_rslora") else m.rank)
+        try:
+            key = cfg["patterns"].lookup(name)
+        except PatternError as e:
+            raise LoraFileError(path, f"{cfg['where']}: alpha_pattern: {e}") from None
+        alpha = cfg["lora_alpha"] if key is None else cfg["alpha_pattern"][key]
+        out[name] = float(alpha) / (math.sqrt(m.rank) if cfg["use_rslora"] else m.rank)
     return out
 
 
@@ -254,3 +303,22 @@ def check_matches(lora, layer_names, model_label="this model", key_map=None, str
             lora.path, f"matched {len(matched)} of {total} LoRA modules to layers of {model_label}; "
                        f"unmatched e.g. {', '.join(unmatched[:4])}.{hint} Is it for another model family?")
     return matched, unmatched
+
+
+def check_pair_phases(slow, fast, names=("slow", "fast")):
+    """Refuse a Slow/Fast pair given swapped or from two families (Glance metadata); `names` label the inputs.
+
+    Raises GlanceError starting with the input's name (a node input or a command-line flag).
+    """
+    for lora, want, name in ((slow, "slow", names[0]), (fast, "fast", names[1])):
+        if lora.glance is not None and lora.glance.phase != want:
+            raise GlanceError(f"{name}: {os.path.basename(lora.path)} is a {lora.glance.phase} LoRA (its Glance "
+                              f"metadata says so); give the {want} one here")
+    if slow.family and fast.family and slow.family != fast.family:
+        raise GlanceError(f"{names[1]}: {os.path.basename(fast.path)} is a {fast.family} LoRA but {names[0]} "
+                          f"{os.path.basename(slow.path)} is a {slow.family} LoRA: the two must be one pair")
+    if slow.glance is not None and fast.glance is not None and slow.glance.family == "explicit" and \
+            slow.glance.schedule and fast.glance.schedule and \
+            slow.glance.schedule.get("base_sigmas") != fast.glance.schedule.get("base_sigmas"):
+        raise GlanceError(f"{names[1]}: {os.path.basename(fast.path)} was trained on other base sigmas than "
+                          f"{names[0]} {os.path.basename(slow.path)}: the two must be one pair")

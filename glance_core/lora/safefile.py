@@ -3,6 +3,7 @@
 Pickle checkpoints are refused before a single byte is unpickled.
 """
 import json
+import math
 import os
 import struct
 
@@ -45,31 +46,68 @@ def read_header(path):
         f.seek(8)
         raw = f.read(n)
     try:
-        header = json.loads(raw.decode("utf-8"))
-        if not isinstance(header, dict):
-            raise ValueError("header is not a JSON object")
-    except (UnicodeDecodeError, ValueError) as e:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
         raise LoraFileError(path, f"corrupt safetensors header ({e})") from None
-    metadata = header.pop("__metadata__", None) or {}
+    header = json_object(text, path, "safetensors header")
+    metadata = header.pop("__metadata__", None)
+    metadata = {} if metadata is None else metadata
     if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
-        raise LoraFileError(path, "corrupt safetensors header (metadata must map strings to strings)")
+        raise LoraFileError(path, "corrupt safetensors header (__metadata__ must map strings to strings)")
     data_size = size - 8 - n
-    for key, entry in header.items():
-        _check_entry(path, key, entry, data_size)
+    spans = sorted((_check_entry(path, key, entry, data_size), key) for key, entry in header.items())
+    _check_tiling(path, spans, data_size)
     return header, metadata
 
 
-def _check_entry(path, key, entry, data_size):
+def json_object(text, path, what):
+    """Parse `text` as a JSON object (dict); LoraFileError naming `path` and `what` otherwise."""
     try:
-        dtype, shape, (start, end) = entry["dtype"], entry["shape"], entry["data_offsets"]
-        numel = 1
-        for d in shape:
-            numel *= int(d)
-        expect = numel * DTYPE_SIZES[dtype]
-    except (KeyError, TypeError, ValueError):
-        raise LoraFileError(path, f"corrupt safetensors header entry for tensor {key!r}") from None
-    if end - start != expect or start < 0:
-        raise LoraFileError(path, f"corrupt safetensors header: tensor {key!r} has {end - start} bytes for "
-                                  f"shape {shape} {dtype}")
+        d = json.loads(text)  # the C scanner raises RecursionError on hostile nesting, caught here
+    except (ValueError, RecursionError) as e:
+        raise LoraFileError(path, f"corrupt {what}: not valid JSON ({type(e).__name__}: {str(e)[:200]})") from None
+    if not isinstance(d, dict):
+        raise LoraFileError(path, f"corrupt {what}: a JSON {type(d).__name__}, not an object")
+    return d
+
+
+def _check_entry(path, key, entry, data_size):
+    """Validate one tensor entry; returns its (start, end) byte span in the data section."""
+    def bad(why):
+        raise LoraFileError(path, f"corrupt safetensors header: tensor {key!r} {why}")
+    if not isinstance(entry, dict):
+        bad(f"is described by a JSON {type(entry).__name__}, not an object")
+    dtype, shape, offsets = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
+    if not isinstance(dtype, str) or dtype not in DTYPE_SIZES:
+        bad(f"has unknown dtype {dtype!r}")
+    if not isinstance(shape, list) or not all(_whole(d) and d >= 0 for d in shape):
+        bad(f"has shape {shape!r}: needs a list of non-negative whole numbers")
+    if not isinstance(offsets, list) or len(offsets) != 2 or not all(_whole(o) and o >= 0 for o in offsets):
+        bad(f"has data_offsets {offsets!r}: needs [start, end], non-negative whole numbers")
+    start, end = offsets
+    expect = math.prod(shape) * DTYPE_SIZES[dtype]
+    if end - start != expect:
+        bad(f"has {end - start} bytes for shape {shape} {dtype} ({expect} needed)")
     if end > data_size:
         raise LoraFileError(path, f"truncated: tensor {key!r} ends at byte {end} of a {data_size}-byte data section")
+    return start, end
+
+
+def _whole(v):
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _check_tiling(path, spans, data_size):
+    # The format's rule: the tensors cover the data section exactly, with no overlap and no gap.
+    pos, prev = 0, None
+    for (start, end), key in spans:
+        if start < pos:
+            raise LoraFileError(path, f"corrupt safetensors header: tensor {key!r} overlaps {prev!r} "
+                                      f"(bytes {start}..{end})")
+        if start > pos:
+            raise LoraFileError(path, f"corrupt safetensors header: {start - pos} unused bytes before tensor "
+                                      f"{key!r} (offsets must leave no gap)")
+        pos, prev = end, key
+    if pos != data_size:
+        raise LoraFileError(path, f"corrupt safetensors header: {data_size - pos} bytes after the last tensor "
+                                  "belong to none")

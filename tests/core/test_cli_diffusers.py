@@ -39,7 +39,7 @@ def test_train_then_generate(flux_dir, tmp_path):
     assert Image.open(tmp_path / "fox.png").size == (256, 192)
     again = _cli("train", "--model", flux_dir, "--image", str(tmp_path / "ref.png"), "--caption", "x", "--steps",
                  "1", "--rank", "4", "--resolution", "320", "--out-dir", str(tmp_path), "--name", "cli")
-    assert again.returncode == 2 and "exists; choose another name or pass overwrite" in again.stderr
+    assert again.returncode == 2 and "exists; choose another name or pass --overwrite" in again.stderr
 
 
 def test_clear_errors(flux_dir, tmp_path):
@@ -51,7 +51,7 @@ def test_clear_errors(flux_dir, tmp_path):
         (["generate", "--model", flux_dir, "--no-pair", "--prompt", "x", "--width", "250"],
          "--width 250: must be a positive multiple of 16"),
         (["generate", "--model", flux_dir, "--slow", str(qwen), "--fast", str(qwen), "--prompt", "x", "--width",
-          "256", "--height", "256"], "matched"),
+          "256", "--height", "256"], "--slow: qwen.safetensors is a qwen-image LoRA but --model is a flux.1-dev"),
         (["train", "--model", flux_dir, "--image", str(qwen), "--caption", "x"], "cannot read it as an image"),
     ]
     for args, msg in cases:
