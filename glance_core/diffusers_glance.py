@@ -9,7 +9,7 @@ import torch
 from . import families
 from .errors import GlanceError, LoraMismatchError
 from .integrate import sample_glance_velocity
-from .lora import check_matches, read_lora
+from .lora import check_matches, check_pair_phases, read_lora
 from .lora.reader import OFFICIAL_ATTN
 from .schedule import build_schedule
 
@@ -43,13 +43,15 @@ def load_pair(pipe, slow, fast, scale_policy="as trained"):
     """Load a Glance pair (paths or LoraFiles) as adapters glance_slow / glance_fast; returns a report string."""
     if scale_policy not in POLICIES:
         raise GlanceError(f"scale_policy must be one of {POLICIES}, got {scale_policy!r}")
+    read = {phase: src if hasattr(src, "modules") else read_lora(src, "as stored" if scale_policy == AS_OFFICIAL
+                                                                 else scale_policy)
+            for phase, src in (("slow", slow), ("fast", fast))}
+    check_pair_phases(read["slow"], read["fast"])  # the same swapped-files check as the node and the CLI
     transformer = pipe.transformer
     names = {n for n, _ in transformer.named_modules()}
     label = f"this {type(transformer).__name__}"
     lines = []
-    for phase, src in (("slow", slow), ("fast", fast)):
-        lora = src if hasattr(src, "modules") else read_lora(src, "as stored" if scale_policy == AS_OFFICIAL
-                                                             else scale_policy)
+    for phase, lora in read.items():
         check_matches(lora, names, label, strict=True)
         adapter = ADAPTERS[phase]
         if adapter in getattr(transformer, "peft_config", {}):

@@ -10,7 +10,8 @@ import comfy_runtime
 ARTIFACTS = os.path.join(comfy_runtime.PACK_ROOT, "test-artifacts", "browser")
 
 QWEN = "Glance Qwen-Image 10 steps, official pair"
-TEMPLATES = ["Glance FLUX 10 steps, a pair you trained", QWEN, "Glance train a pair from one image"]
+COMPARE = "Glance compare 50 steps, plain 10 and Glance 10"
+TEMPLATES = ["Glance FLUX 10 steps, a pair you trained", QWEN, COMPARE, "Glance train a pair from one image"]
 CATEGORY = "Glance (10-step sampling)"  # what locales/en/main.json makes of the pack's folder name ("glance")
 # Files each template's note names and the missing-models dialog lists, less those the test ComfyUI has.
 MISSING = {
@@ -19,7 +20,7 @@ MISSING = {
     QWEN: ["diffusion_models / qwen_image_fp8_e4m3fn.safetensors",
            "text_encoders / qwen_2.5_vl_7b_fp8_scaled.safetensors", "vae / qwen_image_vae.safetensors"],
 }
-MISSING[TEMPLATES[2]] = MISSING[QWEN]
+MISSING["Glance train a pair from one image"] = MISSING[COMPARE] = MISSING[QWEN]
 EXPECTED_VALUES = {
     "GlanceSampler": {"sampler_name": "euler", "mode": "consistent", "family": "auto", "base_steps": 50,
                       "fast_steps": 5},
@@ -56,7 +57,7 @@ def test_templates_are_listed_with_thumbnails(page):
         assert dialog.get_by_text(described, exact=True).count() >= (1 if described != name else 2), described
     # The frontend fetches each <name>.jpg and shows it as a blob: our thumbnails are 768 x 432.
     page.wait_for_function("""() => [...document.querySelectorAll('[role=dialog] img')]
-        .filter(i => i.complete && i.naturalWidth === 768 && i.naturalHeight === 432).length === 3""",
+        .filter(i => i.complete && i.naturalWidth === 768 && i.naturalHeight === 432).length === %d""" % len(TEMPLATES),
                            timeout=15000)
     shot(page, "1_templates")
 

@@ -220,10 +220,12 @@ def test_explicit_schedule_records_its_base_sigmas(tmp_path):
         read_lora(path)
 
 
+from glance_shapes import family as SHAPES  # noqa: E402  (its family is passed in, not registered)
+
 SIZES = [16, 1024, 4096, 8192, 11056, 12500, 16384, 100000]
 
 
-@pytest.mark.parametrize("family", ["qwen-image", "flux.1-dev", "sd3", "glance-shapes"])
+@pytest.mark.parametrize("family", ["qwen-image", "flux.1-dev", "sd3", SHAPES.FAMILY], ids=str)
 def test_every_size_gives_a_valid_schedule_or_a_clear_refusal(family):
     for side in SIZES:
         for w, h in ((side, side), (side, 16)):
@@ -335,3 +337,19 @@ def test_cli_validates_every_flag_before_loading(fake_flux, tmp_path, capsys, mo
     monkeypatch.undo()
     out = _cli(*cases[0][0])  # as a process too: one line, no traceback
     assert out.returncode == 2 and out.stderr.startswith("error: --steps 0") and "Traceback" not in out.stderr
+
+
+def test_diffusers_load_pair_refuses_swapped_files_before_touching_the_pipeline(tmp_path):
+    from glance_core import diffusers_glance
+
+    class Untouchable:  # any attribute read would mean the pipeline was used before the check
+        def __getattr__(self, name):
+            raise AssertionError(f"pipeline.{name} read before the pair was checked")
+
+    class Pipe:
+        transformer = property(lambda self: Untouchable())
+
+    slow = _glance_file(tmp_path, "s.safetensors", "slow")
+    fast = _glance_file(tmp_path, "f.safetensors", "fast")
+    with pytest.raises(GlanceError, match=r"^slow: f.safetensors is a fast LoRA"):
+        diffusers_glance.load_pair(Pipe(), fast, slow)
