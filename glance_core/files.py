@@ -19,15 +19,9 @@ def atomic_write(path, write, overwrite=True):
     path = os.fspath(path)
     if not overwrite and os.path.exists(path):
         raise FileExistsError(path)
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".part", dir=folder)
-    os.close(fd)
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = stage(path, write)
     try:
-        write(tmp)
-        publish_mode(tmp)
-        with open(tmp, "rb+") as fh:
-            os.fsync(fh.fileno())
         if overwrite:
             os.replace(tmp, path)
         else:
