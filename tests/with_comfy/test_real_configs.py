@@ -10,12 +10,12 @@ import pytest
 import torch
 
 import comfy_runtime
+import real_formats
 
 SEED = 5
 SIZE = 128  # pixels: a 16x16 latent
 CFG = 2.0
 STEPS = dict(base_steps=50, slow_steps=5, slow_stride=2, fast_steps=5)
-FP8 = torch.float8_e4m3fn
 
 
 @pytest.fixture(scope="module")
@@ -38,51 +38,6 @@ def fresh_loads(comfy):
     mm.unload_all_models()
     yield
     mm.unload_all_models()
-
-
-def _checkpoint(family):
-    """The float32 weights a tiny checkpoint of `family` is made from (diffusion-model keys)."""
-    return {k: v.clone() for k, v in comfy_runtime.tiny_model(family).model.diffusion_model.state_dict().items()}
-
-
-def _patcher(model):
-    import comfy.model_management as mm
-    import comfy.model_patcher
-    return comfy.model_patcher.ModelPatcher(model, load_device=mm.get_torch_device(),
-                                            offload_device=mm.unet_offload_device())
-
-
-@torch.inference_mode()  # as ComfyUI runs every node, loaders and samplers alike
-def _fp32_model(family, weights):
-    """A float32 model of `family` holding exactly `weights` (e.g. the dequantised ones)."""
-    model = comfy_runtime.tiny_config(family).get_model({})
-    model.diffusion_model.to(torch.float32)
-    missing, unexpected = model.diffusion_model.load_state_dict({k: v.float() for k, v in weights.items()})
-    assert not missing and not unexpected
-    return _patcher(model)
-
-
-@torch.inference_mode()
-def _fp8_model(family, weights, compute=torch.float32):
-    """An fp8_e4m3fn checkpoint loaded as comfy.sd.load_diffusion_model_state_dict does once it knows the model:
-    set_inference_dtype(fp8, compute dtype) -> manual_cast layers holding fp8 weights -> load_model_weights."""
-    import comfy.ops
-    config = comfy_runtime.tiny_config(family)
-    config.set_inference_dtype(FP8, compute)
-    model = config.get_model({})
-    fp8_file = {k: v.to(FP8) for k, v in weights.items()}  # what an fp8 checkpoint file holds
-    model.load_model_weights(dict(fp8_file), "")  # it pops what it loads
-    loaded = model.diffusion_model.state_dict()
-    assert loaded.keys() == fp8_file.keys()
-    assert all(v.dtype == FP8 and torch.equal(v.float(), fp8_file[k].float()) for k, v in loaded.items())
-    assert isinstance(_a_block_linear(model, family), comfy.ops.manual_cast.Linear)
-    return _patcher(model), {k: v.float() for k, v in loaded.items()}
-
-
-def _a_block_linear(model, family):
-    """One adapted linear layer of a BaseModel of `family`."""
-    dm = model.diffusion_model
-    return dm.transformer_blocks[0].attn.to_q if family == "qwen-image" else dm.double_blocks[0].img_attn.qkv
 
 
 def _pair_files(family, weights, rank=4, phases=(("slow", 11), ("fast", 12))):
@@ -171,10 +126,10 @@ def _rel(a, b, effect):
 
 @pytest.mark.parametrize("family", ["qwen-image", "flux"])
 def test_fp8_checkpoint_equals_exact_where_a_stock_merge_does_not(gp, family):
-    weights = _checkpoint(family)
-    fp8, dequantised = _fp8_model(family, weights)
+    weights = real_formats.checkpoint(family)
+    fp8, dequantised = real_formats.fp8_model(family, weights)
     files = _pair_files(family, weights)
-    exact_model = _fp32_model(family, dequantised)
+    exact_model = real_formats.fp32_model(family, dequantised)
     exact = _stock(gp, exact_model, family, files)
     base, _ = _glance(gp, exact_model, family)  # no pair
     effect = float((exact - base).abs().max())
@@ -195,89 +150,29 @@ def test_fp8_checkpoint_equals_exact_where_a_stock_merge_does_not(gp, family):
 
 # --------------------------------------------------------------------------------------------------------- GGUF
 
-def _write_gguf(path, weights, arch):
-    """A GGUF file laid out as ComfyUI-GGUF's convert tool writes one: block linears Q8_0, other matrices F16,
-    vectors F32. Returns {type name: tensor count}."""
-    import gguf
-    q = gguf.GGMLQuantizationType
-    writer = gguf.GGUFWriter(path=None, arch=arch)
-    writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
-    writer.add_file_type(gguf.LlamaFileType.MOSTLY_Q8_0)
-    kinds = {}
-    for key, value in weights.items():
-        qtype = q.F32 if value.dim() < 2 else q.Q8_0 if "blocks." in key and key.endswith(".weight") else q.F16
-        writer.add_tensor(key, gguf.quants.quantize(value.float().numpy(), qtype), raw_dtype=qtype)
-        kinds[qtype.name] = kinds.get(qtype.name, 0) + 1
-    writer.write_header_to_file(path=path)
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
-    return kinds
-
-
-def _gguf_runtime_weights(comfyui_gguf, model):
-    """The float32 weights a ComfyUI-GGUF model computes with: each tensor dequantised as its layer does it
-    (Q8_0 scales times values in float16 by default)."""
-    import comfy.utils
-    dm = model.model.diffusion_model
-    out = {}
-    for key, value in [*dm.named_parameters(), *dm.named_buffers()]:  # (its state_dict is a stand-in)
-        layer = comfy.utils.get_attr(dm, key.rsplit(".", 1)[0])
-        if isinstance(layer, comfyui_gguf.ops.GGMLLayer):
-            value = comfyui_gguf.dequant.dequantize_tensor(value, torch.float32, layer.dequant_dtype)
-        out[key] = torch.Tensor(value.detach()).float().clone()
-    return out
-
-
-# What ComfyUI's architecture detection reads from a file; it assumes the full size for everything else.
-DETECTED = {"qwen-image": ("in_channels", "num_layers"),
-            "flux": ("in_channels", "vec_in_dim", "depth", "depth_single_blocks", "guidance_embed")}
-
-
-@pytest.fixture
-def tiny_detection(monkeypatch):
-    """ComfyUI's architecture detection sizes Qwen-Image and FLUX files at their full widths (3072 ...); give it
-    the tiny widths instead. This is the only thing patched on the GGUF path."""
-    import comfy.model_detection
-    orig = comfy.model_detection.detect_unet_config
-
-    def detect(state_dict, key_prefix, metadata=None):
-        config = orig(state_dict, key_prefix, metadata=metadata)
-        for family, read in DETECTED.items():
-            tiny = comfy_runtime.TINY_CONFIGS[family]
-            if config and config.get("image_model") == tiny["image_model"]:
-                assert {k: config[k] for k in read} == {k: tiny[k] for k in read}  # what it did read is right
-                config = {**config, **tiny}
-        return config
-    monkeypatch.setattr(comfy.model_detection, "detect_unet_config", detect)
-    # --fp32-unet: compute in float32 on any test device (on a GPU ComfyUI would pick bf16), so "exact" is exact.
-    from comfy.cli_args import args
-    monkeypatch.setattr(args, "fp32_unet", True)
-
-
 @pytest.mark.parametrize("family", ["qwen-image", "flux"])
 def test_gguf_model_through_comfyui_gguf_equals_exact(gp, comfyui_gguf, tiny_detection, family):
     import folder_paths
-    weights = _checkpoint(family)
+    weights = real_formats.checkpoint(family)
     name = f"tiny_{family}_Q8_0.gguf"
     path = os.path.join(folder_paths.get_folder_paths("diffusion_models")[0], name)
-    kinds = _write_gguf(path, weights, comfy_runtime.TINY_CONFIGS[family]["image_model"])
+    kinds = real_formats.write_gguf(path, weights, comfy_runtime.TINY_CONFIGS[family]["image_model"])
     assert kinds.get("Q8_0", 0) >= 10 and kinds.get("F16") and kinds.get("F32")
 
     with torch.inference_mode():
         model = comfyui_gguf.nodes.UnetLoaderGGUF().load_unet(name)[0]
     assert isinstance(model, comfyui_gguf.nodes.GGUFModelPatcher)
     ggml = comfyui_gguf.ops.GGMLTensor
-    layer = _a_block_linear(model.model, family)
+    layer = real_formats.a_block_linear(model.model, family)
     assert isinstance(layer, comfyui_gguf.ops.GGMLOps.Linear) and isinstance(layer.weight, ggml)
     assert layer.weight.tensor_type.name == "Q8_0" and layer.weight.dtype == torch.uint8  # still quantised
 
-    dequantised = _gguf_runtime_weights(comfyui_gguf, model)
+    dequantised = real_formats.gguf_runtime_weights(comfyui_gguf, model)
     assert dequantised.keys() == weights.keys()
     assert all((dequantised[k] - v).abs().max() < 2e-3 for k, v in weights.items())  # the file holds the model
 
     files = _pair_files(family, weights)
-    exact_model = _fp32_model(family, dequantised)
+    exact_model = real_formats.fp32_model(family, dequantised)
     exact = _stock(gp, exact_model, family, files)
     base, _ = _glance(gp, exact_model, family)
     effect = float((exact - base).abs().max())
@@ -292,27 +187,6 @@ def test_gguf_model_through_comfyui_gguf_equals_exact(gp, comfyui_gguf, tiny_det
 
 # ------------------------------------------------------------------------------------------- partial loading
 
-@pytest.fixture
-def lowvram(monkeypatch):
-    """Once .on is set, force ComfyUI's partial loading: each model load gets a third of the model's size as its
-    budget (on a CPU ComfyUI always loads fully). .loads records per load whether it was partial and the modules
-    left offloaded."""
-    import comfy.model_management as mm
-    state = type("LowVram", (), {"on": False, "loads": []})()
-    orig = mm.LoadedModel.model_load
-
-    def model_load(self, lowvram_model_memory=0, force_patch_weights=False):
-        if not state.on:
-            return orig(self, lowvram_model_memory, force_patch_weights=force_patch_weights)
-        out = orig(self, self.model.model_size() // 3, force_patch_weights=force_patch_weights)
-        # ModelPatcher.load marks the layers it leaves offloaded (cast per forward) with prev_comfy_cast_weights.
-        state.loads.append((self.model.model.model_lowvram,
-                            {m for m in self.model.model.modules() if hasattr(m, "prev_comfy_cast_weights")}))
-        return out
-    monkeypatch.setattr(mm.LoadedModel, "model_load", model_load)
-    return state
-
-
 @pytest.mark.parametrize("family,weights,stacked", [("qwen-image", "fp32", False), ("qwen-image", "fp32", True),
                                                     ("qwen-image", "fp8", False), ("flux", "fp8", False)])
 def test_partial_loading_equals_exact(gp, lowvram, family, weights, stacked):
@@ -321,14 +195,14 @@ def test_partial_loading_equals_exact(gp, lowvram, family, weights, stacked):
     import comfy.model_management as mm
     import comfy.utils
     import folder_paths
-    checkpoint = _checkpoint(family)
+    checkpoint = real_formats.checkpoint(family)
     if weights == "fp8":
-        model, dequantised = _fp8_model(family, checkpoint)
+        model, dequantised = real_formats.fp8_model(family, checkpoint)
     else:
-        model, dequantised = _fp32_model(family, checkpoint), checkpoint
+        model, dequantised = real_formats.fp32_model(family, checkpoint), checkpoint
     files = _pair_files(family, checkpoint)
     under = _pair_files(family, checkpoint, phases=(("stock", 13),))[0] if stacked else None
-    exact = _stock(gp, _fp32_model(family, dequantised), family, files, under)  # loaded fully
+    exact = _stock(gp, real_formats.fp32_model(family, dequantised), family, files, under)  # loaded fully
     mm.unload_all_models()
 
     lowvram.on = True
