@@ -5,6 +5,7 @@ dropped)` callable, so the ComfyUI node, the diffusers side and the bundled teac
 What is family-specific (recipe, target layers) lives in `glance_core.families`; the shared preparation and
 saving around this loop in `glance_core.plan`.
 """
+import contextlib
 import math
 from dataclasses import dataclass, field
 
@@ -39,6 +40,20 @@ def noised(x0, noise, sigma):
 def flow_matching_loss(velocity, x0, noise, sigma):
     """The training loss, defined once: MSE between velocity(x_sigma, sigma) and the flow target noise - x0."""
     return F.mse_loss(velocity(noised(x0, noise, sigma), sigma).float(), (noise - x0).float())
+
+
+@contextlib.contextmanager
+def frozen(module):
+    """Within the block no parameter of `module` requires grad (no gradient is ever allocated for a base
+    weight, and backward never reaches fp8 or quantised weights); the caller's flags come back after."""
+    thawed = [p for p in module.parameters() if p.requires_grad]
+    for p in thawed:
+        p.requires_grad_(False)
+    try:
+        yield len(thawed)
+    finally:
+        for p in thawed:
+            p.requires_grad_(True)
 
 
 def lora_pair_params(down_shape, up_shape, rank, dtype=torch.float32, device="cpu", generator=None):

@@ -19,7 +19,7 @@ from ..glance_core.integrate import velocity_from_denoised
 from ..glance_core.plan import (HASH_OF, PairOutput, Recipe, check_finite, check_seed, image_sha256, pair_meta,
                                 phase_seed, resolve_recipe)
 from ..glance_core.schedule import DEFAULTS, build_schedule
-from ..glance_core.train import TrainConfig, train_lora
+from ..glance_core.train import TrainConfig, frozen, train_lora
 from .comfy_model import family_of, model_label, require_flow
 from .loss_plot import loss_curve_image
 from .pair import GlancePair, with_pair
@@ -235,7 +235,8 @@ def train(model, vae, p):
             x0 = x0.detach().clone().float()
             dev = x0.device
             gen = torch.Generator().manual_seed(p.seed)
-            with trainable_blocks(mp.model.diffusion_model, p.gradient_checkpointing, clone_saved=clone_saved):
+            with frozen(mp.model.diffusion_model), \
+                    trainable_blocks(mp.model.diffusion_model, p.gradient_checkpointing, clone_saved=clone_saved):
                 for k, phase in enumerate(p.phases):
                     adapter, params = build_adapter(mp, p.targets, rec.rank, rec.alpha, phase, torch.float32, gen)
                     settings = TrainConfig(steps=p.steps, lr=rec.lr, weight_decay=rec.weight_decay,
