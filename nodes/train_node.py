@@ -23,11 +23,12 @@ from ..glance_core.train import TrainConfig, frozen, train_lora
 from .comfy_model import family_of, model_label, require_flow
 from .loss_plot import loss_curve_image
 from .pair import GlancePair, with_pair
-from .training import TrainLoop, build_adapter, materialise, trainable_blocks, training_targets
+from .training import TrainLoop, build_adapter, materialise, trainable_blocks, training_memory, training_targets
 
 log = logging.getLogger("glance")
 PHASE_CHOICES = {"both": ("slow", "fast"), "slow only": ("slow",), "fast only": ("fast",)}
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32, "fp16": torch.float16}
+DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
 MIN_SIDE = 256
 
 
@@ -231,9 +232,10 @@ def train(model, vae, p):
         with torch.inference_mode(False), torch.enable_grad():
             from comfy_extras.nodes_train import process_cond_list  # clones the cond tensors out of inference mode
             model_wrap.conds = process_cond_list(model_wrap.conds)
-            materialise(mp.model)
             x0 = x0.detach().clone().float()
             dev = x0.device
+            fit_memory(mp, p, x0, dev)
+            materialise(mp.model)
             gen = torch.Generator().manual_seed(p.seed)
             with frozen(mp.model.diffusion_model), \
                     trainable_blocks(mp.model.diffusion_model, p.gradient_checkpointing, clone_saved=clone_saved):
@@ -274,6 +276,27 @@ def train(model, vae, p):
     guider.sample(torch.zeros_like(latent), latent, TrainLoop(run), torch.tensor([1.0, 0.0]),
                   seed=p.seed % 2 ** 63)
     return trained, losses
+
+
+def fit_memory(mp, p, x0, dev):
+    """Before the first step: estimate the run's device memory, have ComfyUI offload the weights that do not
+    fit (partial loading, as lowvram sampling does), report it, or refuse with the settings to change."""
+    tokens = x0[0, 0].numel() // (p.family or get_family("explicit")).patch_size ** 2 + p.positive[0][0].shape[1]
+    free = None if dev.type == "cpu" else comfy.model_management.get_free_memory(dev)
+    try:
+        plan = training_memory(mp, p.targets, p.recipe.rank, tokens, p.dtype, p.gradient_checkpointing, free)
+    except GlanceError as e:
+        raise GlanceError(f"{e} (resolution {p.width}x{p.height}, rank {p.recipe.rank}, gradient_checkpointing "
+                          f"{p.gradient_checkpointing}, training_dtype {DTYPE_NAMES[p.dtype]})") from None
+    if free is not None and free < plan.lora + plan.activations:
+        # ComfyUI frees the room: other models first, then layers of this one (streamed from the CPU per call).
+        comfy.model_management.free_memory(plan.lora + plan.activations, dev)
+        loaded = mp.loaded_size()
+        plan = dataclasses.replace(plan, weights=loaded, offloaded=mp.model_size() - loaded)
+    text = f"Glance train: device memory {plan.describe()}"
+    log.info(text)
+    _progress_text(text)
+    return plan
 
 
 def save(p, trained, losses, training_dtype):

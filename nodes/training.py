@@ -8,7 +8,7 @@ import comfy.utils
 import torch
 import torch.utils.checkpoint
 
-from ..glance_core import runtime
+from ..glance_core import memory, runtime
 from ..glance_core.families import get_family
 from ..glance_core.train import lora_pair_params
 from .pair import key_map_of, split_target
@@ -48,6 +48,31 @@ def build_adapter(model, targets, rank, alpha, phase, dtype, generator):
         adapter.add(module, down, up, alpha / rank, off, None if length is None else length)
         params[name] = (down, up)
     return adapter, params
+
+
+def _blocks(diffusion_model):
+    """The transformer blocks of a ComfyUI diffusion model (its ModuleLists named *blocks)."""
+    return [b for name, child in diffusion_model.named_children()
+            if isinstance(child, torch.nn.ModuleList) and name.endswith("blocks") for b in child]
+
+
+def training_memory(patcher, targets, rank, tokens, compute_dtype, checkpointing, free_bytes):
+    """The memory plan of one LoRA's training on `patcher` (a loaded ModelPatcher), as a TrainingMemory.
+
+    free_bytes: device memory free beyond what the model holds (None on the CPU: estimate only, no refusal).
+    Raises GlanceError naming the settings when it cannot fit.
+    """
+    dm = patcher.model.diffusion_model
+    width = min(comfy.utils.get_attr(patcher.model, t[2]).shape[-1] for t in targets)  # attention reads the width
+    lora_params = sum(rank * (comfy.utils.get_attr(patcher.model, key).shape[-1] +
+                              (comfy.utils.get_attr(patcher.model, key).shape[0] if length is None else length))
+                      for _, _, key, _, length in targets)
+    size, loaded = patcher.model_size(), patcher.loaded_size()
+    args = (lora_params, tokens, width, len(_blocks(dm)), torch.tensor([], dtype=compute_dtype).element_size(),
+            checkpointing)
+    if free_bytes is None:
+        return memory.TrainingMemory(size, 0, memory.lora_bytes(lora_params), memory.activation_bytes(*args[1:]))
+    return memory.plan_memory(size, loaded, *args, free_bytes=free_bytes)
 
 
 def materialise(module):

@@ -130,3 +130,52 @@ def test_partial_loading_trains_the_pair_of_a_full_load(tn, vae, lowvram, weight
     assert lowvram.loads and all(partial for partial, _ in lowvram.loads)
     assert lowvram.loads[0][1]  # some layers were left offloaded, cast per forward
     _assert_same_pair(got, want)
+
+
+def test_memory_is_reported_before_the_first_step_and_a_run_that_cannot_fit_is_refused(tn, vae, caplog, pack):
+    import logging
+    from glance_pack.glance_core import memory
+    from glance_pack.glance_core.errors import GlanceError
+    from glance_pack.nodes.training import training_memory, training_targets
+    model = comfy_runtime.tiny_model(FAMILY)
+    with caplog.at_level(logging.INFO, logger="glance"):
+        _train(tn, model, vae, "fmt_mem", steps=1)
+    lines = [r.getMessage() for r in caplog.records]
+    report = next(i for i, m in enumerate(lines) if m.startswith("Glance train: device memory about"))
+    assert report < next(i for i, m in enumerate(lines) if "step 1/1" in m)  # before the first step
+    assert "LoRA and optimizer" in lines[report] and "activations" in lines[report]
+
+    targets = training_targets(model, FAMILY)
+    tokens = (SIZE // 16) ** 2 + 6
+    est = training_memory(model, targets, 4, tokens, torch.float32, True, None)
+    lora_params = sum(p.numel() for p in load_file(os.path.join(
+        comfy_runtime.loras_dir(), "glance", "fmt_mem_slow.safetensors")).values() if p.dim() == 2)
+    assert est.lora == 16 * lora_params  # parameter, gradient and AdamW's two moments, float32
+    assert est.activations == memory.activation_bytes(tokens, 32, 2, 4, True)  # width 32, 2 blocks
+    # Room for everything: nothing offloaded. Room for all but some weights: those are streamed. No room for
+    # the activations: refused, naming what to change.
+    # free_bytes counts what the device has beyond the weights the model holds loaded already.
+    size, held = model.model_size(), model.loaded_size()
+    room = est.lora + est.activations - held
+    fits = training_memory(model, targets, 4, tokens, torch.float32, True, room + 10 * size)
+    assert fits.offloaded == 0 and fits.weights == size
+    tight = training_memory(model, targets, 4, tokens, torch.float32, True, room + size // 2)
+    assert tight.offloaded == size - size // 2 and tight.total == size // 2 + est.lora + est.activations
+    with pytest.raises(GlanceError, match="turn gradient_checkpointing on, lower rank"):
+        training_memory(model, targets, 4, tokens, torch.float32, False, room)
+
+
+def test_the_node_refuses_before_training_and_names_its_settings(tn, monkeypatch, pack):
+    import comfy.model_management as mm
+    from glance_pack.glance_core.errors import GlanceError
+    model = comfy_runtime.tiny_model(FAMILY)
+    with torch.inference_mode():
+        p = tn.prepare(model, _image(), comfy_runtime.tiny_conditioning(FAMILY, seed=1), None, "fmt_refuse", 2,
+                       1e-2, 4, 0.0, 0.0, 0, "fp32", SIZE, "both", False, True, False, -1)
+    monkeypatch.setattr(mm, "get_free_memory", lambda dev=None, torch_free_too=False: 0)
+    x0 = torch.zeros(1, 16, 1, SIZE // 8, SIZE // 8)
+    with pytest.raises(GlanceError, match=r"free\. Lower resolution, turn gradient_checkpointing on, lower rank.*"
+                                          r"\(resolution 256x256, rank 4, gradient_checkpointing False, "
+                                          r"training_dtype fp32\)"):
+        tn.fit_memory(model, p, x0, torch.device("cuda"))
+    assert not os.path.exists(os.path.join(comfy_runtime.loras_dir(), "glance", "fmt_refuse_slow.safetensors"))
