@@ -44,3 +44,33 @@ def save_tiny_flux(folder):
     with open(f"{folder}/model_index.json") as fh:
         assert json.load(fh)["_class_name"] == "FluxPipeline"
     return folder
+
+
+def save_tiny_sd3(folder):
+    """A StableDiffusion3Pipeline (transformer, VAE, two CLIPs with projection, T5, tokenizers) a few MB big."""
+    from diffusers import (AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel,
+                           StableDiffusion3Pipeline)
+    from transformers import CLIPTextConfig, CLIPTextModelWithProjection, T5Config, T5EncoderModel
+    torch.manual_seed(0)
+    tok, n = _tokenizer(77)
+    tok3, _ = _tokenizer(64)
+
+    def clip():
+        return CLIPTextModelWithProjection(CLIPTextConfig(
+            vocab_size=n, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+            max_position_embeddings=77, projection_dim=32, pad_token_id=0, bos_token_id=1, eos_token_id=1))
+    t5 = T5EncoderModel(T5Config(vocab_size=n, d_model=64, d_kv=8, d_ff=64, num_layers=1, num_heads=4,
+                                 relative_attention_num_buckets=8, pad_token_id=0, eos_token_id=1))
+    vae = AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 4,
+                        up_block_types=("UpDecoderBlock2D",) * 4, block_out_channels=(8, 8, 8, 8), layers_per_block=1,
+                        latent_channels=16, norm_num_groups=4, scaling_factor=1.5305, shift_factor=0.0609,
+                        use_quant_conv=False, use_post_quant_conv=False)
+    transformer = SD3Transformer2DModel(sample_size=32, patch_size=2, in_channels=16, num_layers=2,
+                                        attention_head_dim=16, num_attention_heads=2, joint_attention_dim=64,
+                                        caption_projection_dim=32, pooled_projection_dim=64, out_channels=16,
+                                        pos_embed_max_size=64)
+    pipe = StableDiffusion3Pipeline(scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0), vae=vae,
+                                    text_encoder=clip(), tokenizer=tok, text_encoder_2=clip(), tokenizer_2=tok,
+                                    text_encoder_3=t5, tokenizer_3=tok3, transformer=transformer)
+    pipe.save_pretrained(folder)
+    return folder

@@ -64,3 +64,33 @@ def test_help_reads_like_a_manual():
     for cmd in ("generate", "train"):
         out = _cli(cmd, "--help")
         assert out.returncode == 0 and "example" in out.stdout and "--model" in out.stdout
+
+
+def test_sd3_train_then_generate(tmp_path):
+    # Every family on the command line: SD3 trains and samples through the same family module as the library.
+    sd3_dir = tiny_pipelines.save_tiny_sd3(str(tmp_path / "tiny_sd3"))
+    Image.new("RGB", (256, 256), (30, 160, 40)).save(tmp_path / "ref.png")
+    out = _cli("train", "--model", sd3_dir, "--image", str(tmp_path / "ref.png"), "--caption", "a red fox",
+               "--steps", "2", "--rank", "4", "--resolution", "256", "--out-dir", str(tmp_path), "--name", "sd3",
+               "--seed", str(2 ** 64 - 1))
+    assert out.returncode == 0, out.stderr[-3000:]
+    slow, fast = (str(tmp_path / f"sd3_{p}.safetensors") for p in ("slow", "fast"))
+    assert out.stdout.split() == [slow, fast]
+    gen = _cli("generate", "--model", sd3_dir, "--slow", slow, "--fast", fast, "--prompt", "a blue fox",
+               "--width", "256", "--height", "256", "--guidance", "2", "--out", str(tmp_path / "fox.png"))
+    assert gen.returncode == 0, gen.stderr[-3000:]
+    assert "glance layout, sd3" in gen.stderr
+    assert Image.open(tmp_path / "fox.png").size == (256, 256)
+
+
+def test_train_output_problems_are_found_before_the_pipeline_loads(tmp_path):
+    (tmp_path / "afile").write_text("x")
+    cases = [(["--out-dir", str(tmp_path / "afile")], "--out-dir: " + str(tmp_path / "afile") + " is a file"),
+             (["--out-dir", str(tmp_path), "--name", "n" * 250], "--name: 'nnn"),
+             (["--out-dir", str(tmp_path), "--name", "a/b"], "--name: 'a/b'")]
+    Image.new("RGB", (256, 256)).save(tmp_path / "ref.png")
+    for extra, msg in cases:
+        out = _cli("train", "--model", str(tmp_path / "no_pipeline_here"), "--image", str(tmp_path / "ref.png"),
+                   "--caption", "x", *extra)
+        assert out.returncode == 2 and msg in out.stderr, (extra, out.stderr[-2000:])
+        assert "Traceback" not in out.stderr
