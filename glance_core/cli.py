@@ -271,8 +271,8 @@ def _train(args):
     from PIL import Image, UnidentifiedImageError
     from tqdm import tqdm
     from .diffusers_train import train_pair
-    from .plan import PairOutput
-    _check_train(args)  # every flag, before the minutes a large pipeline takes to load
+    phases = _check_train(args)  # every flag, before the minutes a large pipeline takes to load
+    # (train_pair checks the outputs again before its first step: the folder may change meanwhile)
     try:
         img = Image.open(args.image).convert("RGB")
     except (OSError, UnidentifiedImageError) as e:
@@ -283,9 +283,6 @@ def _train(args):
     scale = args.resolution / max(w, h)
     m = PIXEL_MULTIPLE
     w2, h2 = (max(m, round(v * scale / m) * m) for v in (w, h))
-    phases = ("slow", "fast") if args.phases == "both" else (args.phases,)
-    # The outputs are checked before the pipeline loads (and again by train_pair before the first step).
-    PairOutput(args.out_dir, args.name, phases, args.overwrite, input_name="--name", folder_name="--out-dir").check()
     x = torch.from_numpy(np.asarray(img.resize((w2, h2), Image.BICUBIC), dtype=np.float32) / 255.0)
     pipe = _load_pipeline(args)
     x = x.permute(2, 0, 1)[None].to(args.device)
@@ -306,7 +303,11 @@ def _train(args):
 
 
 def _check_train(args):
-    """Validate train's flags without loading the model."""
+    """Validate train's flags without loading the model; the outputs with the training plan's own check."""
+    from .plan import PairOutput
+    phases = ("slow", "fast") if args.phases == "both" else (args.phases,)
+    PairOutput(args.out_dir, args.name, phases, args.overwrite, input_name="--name", folder_name="--out-dir",
+               overwrite_hint="pass --overwrite").check()
     _model_family(args)
     _check_device(args.device)
     _check_int("--steps", args.steps, 1, 10000)
@@ -319,15 +320,7 @@ def _check_train(args):
     _check_int("--seed", args.seed, 0, 2 ** 64 - 1)
     if not os.path.isfile(args.image):
         raise GlanceError(f"--image {args.image}: no such file")
-    name = args.name
-    if not name or name in (".", "..") or any(c in name for c in "/\\:\0") or len(name) > 200:
-        raise GlanceError(f"--name {name!r}: must be a plain file name (no folders), at most 200 characters")
-    _check_writable_dir("--out-dir", os.path.abspath(args.out_dir))
-    phases = ("slow", "fast") if args.phases == "both" else (args.phases,)
-    taken = [p for p in (os.path.join(args.out_dir, f"{name}_{ph}.safetensors") for ph in phases)
-             if os.path.exists(p)]
-    if taken and not args.overwrite:
-        raise GlanceError(f"--name {name}: {', '.join(taken)} exists; choose another name or pass --overwrite")
+    return phases
 
 
 def _floats(flag, text):

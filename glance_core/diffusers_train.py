@@ -36,7 +36,8 @@ def _prepare(pipe, family, image, image_latents, phases, out_dir, name, overwrit
     check_seed(seed)
     output = None
     if out_dir is not None:
-        output = PairOutput(out_dir, name, phases, overwrite, input_name="name", folder_name="out_dir").check()
+        output = PairOutput(out_dir, name, phases, overwrite, input_name="name", folder_name="out_dir",
+                            overwrite_hint="pass overwrite=True").check()
     for key, t in embeds.items():
         check_finite(t, key)
     if image_latents is None:

@@ -102,17 +102,18 @@ def _name_max(folder):
 class PairOutput:
     """Where one pair goes: <folder>/<name>_<phase>.safetensors (+ _diffusers exports), checked before training.
 
-    `input_name` names the node input / flag in errors (output_name, --name).
+    `input_name` and `folder_name` name the node input / flag in errors (output_name, --name, --out-dir);
+    `overwrite_hint` says how to allow overwriting there.
     """
     SUFFIX = ".safetensors"
     EXPORT = "_diffusers.safetensors"
     TEMP_EXTRA = len(".") + len(".XXXXXXXX.part") + 8  # the staged and backup names are this much longer
 
     def __init__(self, folder, name, phases, overwrite=False, export_diffusers=False, input_name="output_name",
-                 folder_name="folder"):
+                 folder_name="folder", overwrite_hint="allow overwriting"):
         self.folder, self.name, self.phases = os.fspath(folder), name, tuple(phases)
         self.overwrite, self.export_diffusers = overwrite, export_diffusers
-        self.input_name, self.folder_name = input_name, folder_name
+        self.input_name, self.folder_name, self.overwrite_hint = input_name, folder_name, overwrite_hint
         self.check_name()
         self.paths = {p: os.path.join(self.folder, f"{name}_{p}{self.SUFFIX}") for p in self.phases}
         self.exports = ({p: self.paths[p][:-len(self.SUFFIX)] + self.EXPORT for p in self.phases}
@@ -152,8 +153,8 @@ class PairOutput:
                               "bytes")
         taken = [p for p in self.all_paths() if os.path.lexists(p)]
         if taken and not self.overwrite:
-            raise GlanceError(f"{self.input_name}: {', '.join(taken)} exists; choose another name or allow "
-                              "overwriting")
+            raise GlanceError(f"{self.input_name}: {', '.join(taken)} exists; choose another name or "
+                              f"{self.overwrite_hint}")
         for p in taken:
             if os.path.isdir(p):
                 raise GlanceError(f"{self.input_name}: {p} is a folder; it cannot be overwritten by the pair")

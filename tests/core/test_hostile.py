@@ -308,7 +308,7 @@ def test_cli_validates_every_flag_before_loading(fake_flux, tmp_path, capsys, mo
         (train + ["--name", "../evil"], "--name"),
         (train + ["--name", "a" * 300], "--name"),
         (train[:-1] + [str(a_file)], "--out-dir"),
-        (train[:-1] + [str(tmp_path / "missing")], "--out-dir"),
+        (train[:-1] + [str(a_file / "sub")], "--out-dir: cannot create"),
         (["train", "--model", fake_flux, "--image", str(tmp_path / "no.png"), "--caption", "x"], "--image"),
         (train + ["--name", "p"], "exists; choose another name or pass --overwrite"),
         (gen + ["--num-images", "0"], "--num-images 0"),
