@@ -18,14 +18,21 @@ AS_OFFICIAL = "as the official pipeline"
 POLICIES = ("as trained", "as stored", AS_OFFICIAL)
 
 
+def _known_family(name):
+    """The registered Family called `name`, or None (no or unknown family)."""
+    from .families import FAMILIES
+    return FAMILIES.get(name)
+
+
 def peft_state_dict(lora, policy="as trained"):
     """{transformer.<module>.lora_A/B.weight} for diffusers, each LoRA's scale folded into B.
 
     AS_OFFICIAL reproduces what stock `load_lora_weights` does to the official Glance files: the attention
     modules written with '.lora.down/.lora.up' names are dropped and the rest applied at scale 1.0.
     """
-    if lora.namespace == "comfyui" and lora.family == "flux.1-dev":
-        raise GlanceError(f"{lora.path}: FLUX LoRAs in ComfyUI's fused naming (double_blocks...) need conversion; "
+    fam = _known_family(lora.family)
+    if lora.namespace == "comfyui" and fam is not None and not fam.comfyui_names_are_diffusers:
+        raise GlanceError(f"{lora.path}: {fam.label} LoRAs in ComfyUI's own module naming need conversion; "
                           "train or export them in diffusers naming")
     out = {}
     for name, m in lora.modules.items():

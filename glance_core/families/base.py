@@ -45,6 +45,8 @@ class Family:
     train_guidance: float = None
     # Blocks never add in place into tensors autograd saved (so no copies needed without checkpointing).
     in_place_safe: bool = False
+    # ComfyUI spells this family's module names as diffusers does (its LoRAs load into a pipeline as they are).
+    comfyui_names_are_diffusers: bool = False
     # Which generate() argument is this family's guidance scale, and what it means (for help texts).
     guidance_arg: str = "guidance_scale"
 

@@ -82,4 +82,5 @@ FAMILY = QwenImage(
     target_pattern=re.compile(r"transformer_blocks\.\d+\.(attn\.(to_q|to_k|to_v|add_q_proj|add_k_proj|add_v_proj|"
                               r"to_out\.0|to_add_out)|img_mlp\.net\.2|txt_mlp\.net\.2|img_mod\.1|txt_mod\.1)$"),
     markers=("img_mod_1", "txt_mod_1", "img_mlp_net", "txt_mlp_net"),
-    comfy_config="QwenImage", pipeline="QwenImagePipeline", in_place_safe=True, guidance_arg="true_cfg_scale")
+    comfy_config="QwenImage", pipeline="QwenImagePipeline", in_place_safe=True, guidance_arg="true_cfg_scale",
+    comfyui_names_are_diffusers=True)

@@ -212,3 +212,19 @@ def test_sd3_pipeline_and_batches(tmp_path):
         **kw, "prompt_embeds": pe[:1], "negative_prompt_embeds": npe[:1], "pooled_prompt_embeds": pooled[:1],
         "negative_pooled_prompt_embeds": npooled[:1]})
     torch.testing.assert_close(one[0], out[0], rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("names, label", [(["double_blocks.0.img_attn.qkv"], "FLUX"),
+                                          (["joint_blocks.0.x_block.attn.qkv"], "SD3")])
+def test_comfyui_named_loras_of_families_with_other_names_are_refused(tmp_path, names, label):
+    # The family module says whether ComfyUI's names are diffusers' (Qwen-Image) or need converting.
+    path = str(tmp_path / "comfy.safetensors")
+    lf.write(path, lf.comfy_tensors(names))
+    lora = dg.read_lora(path, "as stored")
+    assert lora.namespace == "comfyui"
+    with pytest.raises(GlanceError, match=f"{label}.*ComfyUI's own module naming need conversion"):
+        dg.peft_state_dict(lora)
+    qwen = str(tmp_path / "qwen.safetensors")
+    lf.write(qwen, lf.comfy_tensors(["transformer_blocks.0.attn.to_q", "transformer_blocks.0.img_mod.1"]))
+    assert set(dg.peft_state_dict(dg.read_lora(qwen, "as stored"))) == {
+        f"transformer.transformer_blocks.0.{m}.lora_{ab}.weight" for m in ("attn.to_q", "img_mod.1") for ab in "AB"}
