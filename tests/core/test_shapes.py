@@ -179,8 +179,13 @@ def test_benchmark_on_two_samples(tmp_path):
     assert res["cfg"] == DEFAULT_CFG != 1  # guided: two passes per step, counted as the paper does
     assert [r["calls"] for r in rows] == [100] + [20] * (len(VARIANTS) - 1)
     assert rows[0]["mse"] == 0 and all(r["mse"] > 0 for r in rows[1:])
-    assert rows[0]["speedup"] == 1.0 and all(r["speedup"] > 1.5 for r in rows[1:])
-    assert all(0 <= r["accuracy"]["all"] <= 1 for r in rows)
+    # Speed-up is the baseline's time over the row's (timing itself is for benchmarks, not tests).
+    assert all(r["speedup"] == pytest.approx(rows[0]["seconds"] / r["seconds"]) for r in rows)
+    for r in rows:  # 2 pictures: each accuracy is 0, 1/2 or 1, and all four right is never likelier than one
+        acc = r["accuracy"]
+        assert set(acc) == {"all", "shape", "colour", "position", "background"}
+        assert all(2 * v == int(2 * v) for v in acc.values())
+        assert acc["all"] <= min(v for k, v in acc.items() if k != "all"), acc
     assert res["caption"] not in [c for c, _ in res["held_out"]]
     for name in ("shapes_grid.png", "shapes_grid_all.png", "shapes_benchmark.md", "shapes_benchmark.json"):
         assert (tmp_path / name).stat().st_size > 0

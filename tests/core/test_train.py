@@ -24,9 +24,10 @@ def test_velocity_sees_x_at_sigma():
 
 
 def test_lora_params_start_at_the_base_model():
-    down, up = lora_pair_params((4, 16), (8, 4), 4, generator=torch.Generator().manual_seed(0))
-    assert down.requires_grad and up.requires_grad and up.abs().sum() == 0
-    assert 0.1 < down.std().item() * 4 < 10
+    for rank in (4, 32):  # std 1/rank: 0.25 and 0.031 (a missing /rank would give 1.0 for both)
+        down, up = lora_pair_params((rank, 4096), (8, rank), rank, generator=torch.Generator().manual_seed(0))
+        assert down.requires_grad and up.requires_grad and up.abs().sum() == 0
+        assert down.std().item() == pytest.approx(1 / rank, rel=0.02)
 
 
 def _toy(rank=2):

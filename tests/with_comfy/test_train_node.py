@@ -93,8 +93,6 @@ def test_loss_goes_down_and_the_pair_pulls_samples_toward_the_reference(env):
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_saved_files_metadata_and_stock_loading(env, family):
-    import comfy.sd
-    import comfy.utils
     from glance_pack.glance_core.schedule import build_schedule
     model, slow_path, fast_path, _ = _train(env, family, f"files_{family}", export_diffusers=True)
     assert slow_path.endswith(os.path.join("glance", f"files_{family}_slow.safetensors"))
@@ -108,10 +106,22 @@ def test_saved_files_metadata_and_stock_loading(env, family):
         assert g.sigmas == sched.phase_sigmas(phase) and g.schedule["boundary"] == sched.boundary
         assert len(g.image_sha256) == 64 and g.extra["steps"] == 6 and len(g.extra["losses"]) == 6
         assert all(m.scale == 4.0 for m in lora.modules.values())
-        # Stock ComfyUI LoraLoader merges exactly the delta the trained adapter adds at run time.
-        base = env.models[family]
-        merged, _ = comfy.sd.load_lora_for_models(base, None, comfy.utils.load_torch_file(path), 1.0, 0)
-        assert len(merged.patches) > 0
+        # Stock ComfyUI LoraLoader merges exactly the delta the trained adapter adds at run time (fused
+        # layers too: each branch lands on its rows of the fused weight).
+        base_model = env.models[family]
+        before, merged, patched = comfy_runtime.stock_merged(base_model, path)
+        names = {m: n for n, m in base_model.model.named_modules()}
+        want = {}
+        for module, bs in pair.adapters[phase].branches.items():
+            key = names[module] + ".weight"
+            d = torch.zeros_like(before[key], dtype=torch.float32)
+            for b in bs:
+                rows = slice(b.offset, None if b.length is None else b.offset + b.length)
+                d[rows] += b.scale * (b.up.float() @ b.down.float())
+            want[key] = d
+        assert patched == set(want)
+        for key, d in want.items():
+            torch.testing.assert_close(merged[key].float() - before[key].float(), d, rtol=1e-4, atol=1e-6)
         branches = [b for bs in pair.adapters[phase].branches.values() for b in bs]
         assert len(branches) == len(lora.modules) and all(b[2] == 4.0 for b in branches)
         # Trained away from the zero init (the last block's text-stream outputs reach no loss, so not all).
