@@ -33,9 +33,7 @@ def save_tiny_flux(folder):
                         up_block_types=("UpDecoderBlock2D",) * 4, block_out_channels=(8, 8, 8, 8), layers_per_block=1,
                         latent_channels=16, norm_num_groups=4, scaling_factor=0.3611, shift_factor=0.1159,
                         use_quant_conv=False, use_post_quant_conv=False)
-    transformer = FluxTransformer2DModel(patch_size=1, in_channels=64, num_layers=1, num_single_layers=1,
-                                         attention_head_dim=16, num_attention_heads=2, joint_attention_dim=32,
-                                         pooled_projection_dim=32, guidance_embeds=True, axes_dims_rope=(4, 6, 6))
+    transformer = tiny_flux_transformer(seed=None)
     sched = FlowMatchEulerDiscreteScheduler(base_image_seq_len=256, base_shift=0.5, max_image_seq_len=4096,
                                             max_shift=1.15, shift=3.0, use_dynamic_shifting=True)
     pipe = FluxPipeline(scheduler=sched, vae=vae, text_encoder=clip, tokenizer=tok, text_encoder_2=t5,
@@ -74,3 +72,21 @@ def save_tiny_sd3(folder):
                                     text_encoder_3=t5, tokenizer_3=tok3, transformer=transformer)
     pipe.save_pretrained(folder)
     return folder
+
+
+def tiny_flux_transformer(in_channels=64, heads=2, seed=0):
+    """A diffusers FluxTransformer2DModel with one double and one single block, head width 16 (seed None: the
+    global generator as it stands)."""
+    from diffusers import FluxTransformer2DModel
+    if seed is not None:
+        torch.manual_seed(seed)
+    return FluxTransformer2DModel(patch_size=1, in_channels=in_channels, num_layers=1, num_single_layers=1,
+                                  attention_head_dim=16, num_attention_heads=heads, joint_attention_dim=32,
+                                  pooled_projection_dim=32, guidance_embeds=True, axes_dims_rope=(4, 6, 6))
+
+
+def peft_deltas(model, adapter="default"):
+    """Delta W per module as peft computes it (scaling * B @ A), keyed by module path, float32."""
+    from peft.tuners.lora import LoraLayer
+    return {name.replace("base_model.model.", ""): mod.get_delta_weight(adapter).float()
+            for name, mod in model.named_modules() if isinstance(mod, LoraLayer) and adapter in mod.lora_A}

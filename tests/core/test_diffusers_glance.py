@@ -4,6 +4,7 @@ import pytest
 import torch
 
 import lora_files as lf
+import tiny_pipelines
 from glance_core import diffusers_glance as dg
 from glance_core.errors import GlanceError, LoraMismatchError
 from glance_core.families import get_family
@@ -153,11 +154,8 @@ def test_errors(qwen, tmp_path):
 
 
 def test_flux_pipeline(tmp_path):
-    from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
-    torch.manual_seed(0)
-    t = FluxTransformer2DModel(patch_size=1, in_channels=64, num_layers=1, num_single_layers=1, attention_head_dim=16,
-                               num_attention_heads=2, joint_attention_dim=32, pooled_projection_dim=32,
-                               guidance_embeds=True, axes_dims_rope=(4, 6, 6))
+    from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline
+    t = tiny_pipelines.tiny_flux_transformer()
     pipe = FluxPipeline(scheduler=FlowMatchEulerDiscreteScheduler(), vae=None, text_encoder=None, tokenizer=None,
                         text_encoder_2=None, tokenizer_2=None, transformer=t)
     slow = lf.write(tmp_path / "s.safetensors", lf.flux_diffusers_tensors(hidden=32, seed=1))

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import lora_files as lf
+import tiny_pipelines
 from glance_core.errors import LoraFileError, LoraMismatchError
 from glance_core.lora import check_matches, read_lora
 
@@ -40,14 +41,6 @@ def test_official_layout_needs_its_signature(tmp_path):
     assert "trained scale is unknown" in lora.scale_note
 
 
-def _tiny_flux_transformer():
-    from diffusers import FluxTransformer2DModel
-    torch.manual_seed(0)
-    return FluxTransformer2DModel(patch_size=1, in_channels=16, num_layers=1, num_single_layers=1,
-                                  attention_head_dim=16, num_attention_heads=2, joint_attention_dim=32,
-                                  pooled_projection_dim=32, guidance_embeds=True, axes_dims_rope=(4, 6, 6))
-
-
 def _randomise_lora_b(model):
     g = torch.Generator().manual_seed(3)
     with torch.no_grad():
@@ -56,21 +49,11 @@ def _randomise_lora_b(model):
                 p.copy_(torch.randn(p.shape, generator=g) * 0.1)
 
 
-def _peft_deltas(model, adapter="default"):
-    """Delta W per module as peft computes it (scaling * B @ A), keyed by module path."""
-    from peft.tuners.lora import LoraLayer
-    out = {}
-    for name, mod in model.named_modules():
-        if isinstance(mod, LoraLayer) and adapter in mod.lora_A:
-            out[name.replace("base_model.model.", "")] = mod.get_delta_weight(adapter).float()
-    return out
-
-
 def test_diffusers_file_with_adapter_metadata(tmp_path):
     from diffusers import FluxPipeline
     from peft import LoraConfig
     from peft.utils import get_peft_model_state_dict
-    model = _tiny_flux_transformer()
+    model = tiny_pipelines.tiny_flux_transformer(in_channels=16)
     cfg = LoraConfig(r=4, lora_alpha=16, alpha_pattern={"to_q": 8},
                      target_modules=["to_q", "to_k", "to_v", "to_out.0"])
     model.add_adapter(cfg)
@@ -79,7 +62,7 @@ def test_diffusers_file_with_adapter_metadata(tmp_path):
                                    transformer_lora_adapter_metadata=cfg.to_dict())
     lora = read_lora(tmp_path / "pytorch_lora_weights.safetensors")
     assert lora.layout == "diffusers" and lora.family == "flux.1-dev"
-    want = _peft_deltas(model)
+    want = tiny_pipelines.peft_deltas(model)
     assert set(lora.modules) == set(want) and len(want) == 7  # single blocks have no to_out
     for name, delta in want.items():
         torch.testing.assert_close(lora.modules[name].delta(), delta, rtol=1e-5, atol=1e-6)
@@ -90,13 +73,13 @@ def test_diffusers_file_with_adapter_metadata(tmp_path):
 
 def test_peft_save_pretrained_with_adapter_config_beside(tmp_path):
     from peft import LoraConfig, get_peft_model
-    model = get_peft_model(_tiny_flux_transformer(),
+    model = get_peft_model(tiny_pipelines.tiny_flux_transformer(in_channels=16),
                            LoraConfig(r=2, lora_alpha=6, use_rslora=True, target_modules=["to_q", "to_v"]))
     _randomise_lora_b(model)
     model.save_pretrained(tmp_path)
     lora = read_lora(tmp_path / "adapter_model.safetensors")
     assert lora.layout == "peft"
-    want = _peft_deltas(model)
+    want = tiny_pipelines.peft_deltas(model)
     assert set(lora.modules) == set(want)
     for name, delta in want.items():
         torch.testing.assert_close(lora.modules[name].delta(), delta, rtol=1e-5, atol=1e-6)

