@@ -142,31 +142,31 @@ def build_schedule(family="qwen-image", width=1024, height=1024, mode="consisten
     unknown = set(steps) - set(DEFAULTS)
     if unknown:
         raise ScheduleError(f"unknown schedule settings: {', '.join(sorted(unknown))}")
-    cfg = {**DEFAULTS, **steps}
+    step_settings = {**DEFAULTS, **steps}
     fam = get_family(family)
     if mode not in MODES:
         raise ScheduleError(f"unknown mode {mode!r}; choose one of: {', '.join(MODES)}")
     if fam.shift_mode == "explicit":
         grid = _explicit_grid(base_sigmas)
-        cfg["base_steps"] = len(grid)
+        step_settings["base_steps"] = len(grid)
         if mode == "reference":
             raise ScheduleError("mode 'reference' re-creates the official pipeline's fresh fast-stage grid, "
                                 "which needs a family formula; family 'explicit' supports 'consistent' only")
     else:
         if base_sigmas is not None:
             raise ScheduleError(f"base_sigmas is only for family 'explicit', not {fam.name!r}")
-        _int("base_steps", cfg["base_steps"], 2, MAX_BASE_STEPS)
+        _int("base_steps", step_settings["base_steps"], 2, MAX_BASE_STEPS)
         try:
-            grid = fam.base_sigmas(cfg["base_steps"], width, height)
+            grid = fam.base_sigmas(step_settings["base_steps"], width, height)
         except SaturatedShift:
-            raise ScheduleError(_collapsed(fam, width, height, cfg)) from None
-    slow_idx, fast_idx = glance_indices(**cfg)
+            raise ScheduleError(_collapsed(fam, width, height, step_settings)) from None
+    slow_idx, fast_idx = glance_indices(**step_settings)
     cond = [("slow", grid[i]) for i in slow_idx] + [("fast", grid[i]) for i in fast_idx]
     if not _distinct([s for _, s in cond]):
         if fam.shift_mode == "explicit":
             raise ScheduleError("explicit base_sigmas: the steps' sigmas are not distinct in float32 (the "
                                 "precision ComfyUI samples at); spread them further apart")
-        raise ScheduleError(_collapsed(fam, width, height, cfg))
+        raise ScheduleError(_collapsed(fam, width, height, step_settings))
 
     if mode == "consistent":
         nxt = [s for _, s in cond[1:]] + [0.0]
@@ -174,13 +174,14 @@ def build_schedule(family="qwen-image", width=1024, height=1024, mode="consisten
     else:
         # The official pipeline overrides only the timesteps: the slow stage steps along consecutive
         # entries of the N-step grid, the fast stage along a fresh fast_steps grid that restarts at 1.0.
-        fast_grid = fam.base_sigmas(cfg["fast_steps"], width, height) + [0.0]
+        fast_grid = fam.base_sigmas(step_settings["fast_steps"], width, height) + [0.0]
         full = grid + [0.0]
         out = [Step("slow", s, full[i], full[i + 1]) for i, (_, s) in enumerate(cond[:len(slow_idx)])]
         out += [Step("fast", s, fast_grid[j], fast_grid[j + 1])
                 for j, (_, s) in enumerate(cond[len(slow_idx):])]
-    return Schedule(fam.name, mode, width, height, cfg["base_steps"], cfg["slow_steps"], cfg["slow_stride"],
-                    cfg["fast_steps"], slow_idx, fast_idx, tuple(out),
+    st = step_settings
+    return Schedule(fam.name, mode, width, height, st["base_steps"], st["slow_steps"], st["slow_stride"],
+                    st["fast_steps"], slow_idx, fast_idx, tuple(out),
                     tuple(grid) if fam.shift_mode == "explicit" else None)
 
 
@@ -190,14 +191,14 @@ def _distinct(sigmas):
     return all(math.isfinite(s) and 0.0 < s <= 1.0 for s in sigmas) and all(b < a for a, b in zip(f32, f32[1:]))
 
 
-def _collapsed(fam, width, height, cfg):
+def _collapsed(fam, width, height, step_settings):
     """Why a preset's grid has no usable steps at this size, with the largest square size that has them."""
     m = fam.pixel_multiple
     lo, hi = 1, max(width, height) // m  # in units of the pixel multiple; lo is assumed to work
     while hi - lo > 1:
         mid = (lo + hi) // 2
         try:
-            ok = _distinct(_cond_sigmas(fam, mid * m, mid * m, cfg))
+            ok = _distinct(_cond_sigmas(fam, mid * m, mid * m, step_settings))
         except ScheduleError:
             ok = False
         lo, hi = (mid, hi) if ok else (lo, mid)
@@ -207,9 +208,9 @@ def _collapsed(fam, width, height, cfg):
             f"step settings; generate smaller and upscale")
 
 
-def _cond_sigmas(fam, width, height, cfg):
-    grid = fam.base_sigmas(cfg["base_steps"], width, height)
-    slow_idx, fast_idx = glance_indices(**cfg)
+def _cond_sigmas(fam, width, height, step_settings):
+    grid = fam.base_sigmas(step_settings["base_steps"], width, height)
+    slow_idx, fast_idx = glance_indices(**step_settings)
     return [grid[i] for i in slow_idx + fast_idx]
 
 

@@ -64,8 +64,8 @@ def lora_pair_params(down_shape, up_shape, rank, dtype=torch.float32, device="cp
             torch.nn.Parameter(up.to(device=device, dtype=dtype)))
 
 
-def train_lora(velocity, params, x0, sigmas, cfg, on_step=None, phase="lora", loss=None):
-    """Train `params` for cfg.steps AdamW steps, each at one sigma drawn uniformly from `sigmas`.
+def train_lora(velocity, params, x0, sigmas, settings, on_step=None, phase="lora", loss=None):
+    """Train `params` for settings.steps AdamW steps, each at one sigma drawn uniformly from `sigmas`.
 
     `velocity(xt, sigma, dropped)` runs the model with the LoRA active (`dropped`: use the empty prompt);
     `on_step(i, loss)` is called after every step (it may raise to stop). Returns the per-step losses.
@@ -75,29 +75,29 @@ def train_lora(velocity, params, x0, sigmas, cfg, on_step=None, phase="lora", lo
     if not sigmas:
         raise TrainingError(f"{phase}: no sigmas to train at")
     loss_fn = loss or (lambda model, x0, noise, sigma, k: flow_matching_loss(model, x0, noise, sigma))
-    gen = torch.Generator().manual_seed(cfg.seed)
-    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    gen = torch.Generator().manual_seed(settings.seed)
+    opt = torch.optim.AdamW(params, lr=settings.lr, weight_decay=settings.weight_decay)
     sig = torch.tensor(sigmas, dtype=torch.float32)
-    for i in range(cfg.steps):
+    for i in range(settings.steps):
         k = torch.randint(len(sig), (1,), generator=gen)
         sigma = sig[k].to(x0.device)
         noise = torch.randn(x0.shape, generator=gen, dtype=torch.float32).to(x0)
-        dropped = bool(torch.rand((), generator=gen) < cfg.caption_dropout)
+        dropped = bool(torch.rand((), generator=gen) < settings.caption_dropout)
         model = lambda xt, s: velocity(xt, s, dropped)  # noqa: E731
         value_t = loss_fn(model, x0, noise, sigma, int(k))
         value = value_t.item()
         if not math.isfinite(value):
             # The inputs (image, prompt, settings) were checked finite before training, so the run diverged.
-            raise TrainingError(f"{phase}: the loss became {value} at step {i + 1} of {cfg.steps} (sigma "
+            raise TrainingError(f"{phase}: the loss became {value} at step {i + 1} of {settings.steps} (sigma "
                                 f"{sigma.item():.4f}); nothing was saved. The image, prompt and settings were "
-                                f"finite, so training diverged: lower the learning rate ({cfg.lr:g}) or train in "
+                                f"finite, so training diverged: lower the learning rate ({settings.lr:g}) or train in "
                                 "float32/bfloat16 rather than float16")
         opt.zero_grad(set_to_none=True)
         value_t.backward()
-        if cfg.grad_clip:
-            torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+        if settings.grad_clip:
+            torch.nn.utils.clip_grad_norm_(params, settings.grad_clip)
         opt.step()
-        cfg.losses.append(value)
+        settings.losses.append(value)
         if on_step is not None:
             on_step(i, value)
-    return cfg.losses
+    return settings.losses

@@ -181,9 +181,9 @@ def _trained_scales(lora, path):
     """(module -> scale the LoRA was trained at, source) from metadata or a known layout; (None, None) if unknown."""
     if lora.glance is not None:
         return {n: float(lora.glance.alpha) / m.rank for n, m in lora.modules.items()}, "Glance metadata"
-    cfg = _peft_config(lora.metadata, path)
-    if cfg is not None:
-        return _scales_from_peft_config(cfg, lora.modules, path), "the file's peft adapter config"
+    peft_config = _peft_config(lora.metadata, path)
+    if peft_config is not None:
+        return _scales_from_peft_config(peft_config, lora.modules, path), "the file's peft adapter config"
     if lora.layout == "glance-official":
         return ({n: OFFICIAL_ALPHA_PER_RANK for n in lora.modules},
                 "official Glance layout, trained at alpha = 4 x rank")
@@ -217,11 +217,11 @@ def _peft_config(metadata, path):
     """The peft LoraConfig dict a diffusers/peft file carries (header or adapter_config.json beside it)."""
     raw = metadata.get("lora_adapter_metadata")
     if raw is not None:
-        cfg = json_object(raw, path, "lora_adapter_metadata")
+        peft_config = json_object(raw, path, "lora_adapter_metadata")
         # Pipeline-level saves prefix every key with the component name ("transformer.lora_alpha").
-        if "lora_alpha" not in cfg:
-            cfg = {k.split(".", 1)[1]: v for k, v in cfg.items() if k.startswith("transformer.")}
-        return _checked_peft_config(cfg, path, "lora_adapter_metadata") if "lora_alpha" in cfg else None
+        if "lora_alpha" not in peft_config:
+            peft_config = {k.split(".", 1)[1]: v for k, v in peft_config.items() if k.startswith("transformer.")}
+        return _checked_peft_config(peft_config, path, "lora_adapter_metadata") if "lora_alpha" in peft_config else None
     side = os.path.join(os.path.dirname(path), "adapter_config.json")
     if os.path.basename(path) == "adapter_model.safetensors" and os.path.isfile(side):
         try:
@@ -231,43 +231,43 @@ def _peft_config(metadata, path):
             raise LoraFileError(side, f"cannot read adapter_config.json ({e})") from None
         if len(text) > MAX_SIDE_CONFIG:
             raise LoraFileError(side, f"adapter_config.json is over {MAX_SIDE_CONFIG} bytes; not a peft config")
-        cfg = json_object(text, side, "adapter_config.json")
-        return _checked_peft_config(cfg, side, "adapter_config.json") if "lora_alpha" in cfg else None
+        peft_config = json_object(text, side, "adapter_config.json")
+        return _checked_peft_config(peft_config, side, "adapter_config.json") if "lora_alpha" in peft_config else None
     return None
 
 
-def _checked_peft_config(cfg, path, what):
+def _checked_peft_config(peft_config, path, what):
     """The fields of a peft config this reader uses, type-checked; LoraFileError naming `what` otherwise."""
     def number(v):
         return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
-    if not number(cfg["lora_alpha"]):
-        raise LoraFileError(path, f"{what}: lora_alpha is {cfg['lora_alpha']!r}, needs a finite number")
-    pattern = cfg.get("alpha_pattern")
+    if not number(peft_config["lora_alpha"]):
+        raise LoraFileError(path, f"{what}: lora_alpha is {peft_config['lora_alpha']!r}, needs a finite number")
+    pattern = peft_config.get("alpha_pattern")
     pattern = {} if pattern is None else pattern
     if not isinstance(pattern, dict) or not all(number(a) for a in pattern.values()):
         raise LoraFileError(path, f"{what}: alpha_pattern must map module patterns to finite numbers")
-    if not isinstance(cfg.get("use_rslora", False), bool):
-        raise LoraFileError(path, f"{what}: use_rslora is {cfg['use_rslora']!r}, needs true or false")
+    if not isinstance(peft_config.get("use_rslora", False), bool):
+        raise LoraFileError(path, f"{what}: use_rslora is {peft_config['use_rslora']!r}, needs true or false")
     try:
         patterns = PatternSet(pattern)
     except PatternError as e:
         raise LoraFileError(path, f"{what}: alpha_pattern: {e}") from None
-    return {"lora_alpha": cfg["lora_alpha"], "alpha_pattern": pattern, "patterns": patterns,
-            "use_rslora": cfg.get("use_rslora", False), "where": what}
+    return {"lora_alpha": peft_config["lora_alpha"], "alpha_pattern": pattern, "patterns": patterns,
+            "use_rslora": peft_config.get("use_rslora", False), "where": what}
 
 
-def _scales_from_peft_config(cfg, modules, path):
+def _scales_from_peft_config(peft_config, modules, path):
     # peft: the first alpha_pattern key matching `(.*\.)?(key)$` applies; else lora_alpha.
     # The keys are evaluated by patterns.PatternSet, in bounded time whatever the file holds.
     # rsLoRA scales by alpha / sqrt(r) instead of alpha / r.
     out = {}
     for name, m in modules.items():
         try:
-            key = cfg["patterns"].lookup(name)
+            key = peft_config["patterns"].lookup(name)
         except PatternError as e:
-            raise LoraFileError(path, f"{cfg['where']}: alpha_pattern: {e}") from None
-        alpha = cfg["lora_alpha"] if key is None else cfg["alpha_pattern"][key]
-        out[name] = float(alpha) / (math.sqrt(m.rank) if cfg["use_rslora"] else m.rank)
+            raise LoraFileError(path, f"{peft_config['where']}: alpha_pattern: {e}") from None
+        alpha = peft_config["lora_alpha"] if key is None else peft_config["alpha_pattern"][key]
+        out[name] = float(alpha) / (math.sqrt(m.rank) if peft_config["use_rslora"] else m.rank)
     return out
 
 
