@@ -143,7 +143,7 @@ def _generate(args):
                       guidance_scale=args.guidance, height=args.height, width=args.width, mode=args.mode,
                       generator=torch.Generator(args.device).manual_seed(args.seed),
                       num_images_per_prompt=args.num_images, use_pair=not args.no_pair,
-                      **{k: getattr(args, k) for k in DEFAULTS})
+                      **_step_settings(args))
     stem, ext = os.path.splitext(args.out)
     for k, img in enumerate(images):
         path = args.out if len(images) == 1 else f"{stem}_{k + 1}{ext or '.png'}"
@@ -168,7 +168,7 @@ def _check_generate(args):
             raise GlanceError(f"{flag} {v}: must be a positive multiple of {PIXEL_MULTIPLE} px (8x VAE, 2x2 patches), "
                               f"at most {MAX_SIDE}")
     try:
-        build_schedule(family, args.width, args.height, args.mode, **{k: getattr(args, k) for k in DEFAULTS})
+        build_schedule(family, args.width, args.height, args.mode, **_step_settings(args))
     except GlanceError as e:
         raise GlanceError(f"schedule flags (--width/--height/--mode/--*-steps): {e}") from None
     stem, ext = os.path.splitext(args.out)
@@ -323,6 +323,11 @@ def _check_train(args):
     return phases
 
 
+def _step_settings(args):
+    """The four step-setting flags as build_schedule keywords."""
+    return {k: getattr(args, k) for k in DEFAULTS}
+
+
 def _floats(flag, text):
     """Parse a comma-separated list of numbers given to `flag`."""
     try:
@@ -337,7 +342,7 @@ def main(argv=None):
         if args.command == "schedule":
             base = _floats("--sigmas", args.sigmas) if args.sigmas else None
             sched = build_schedule(args.family, args.width, args.height, args.mode, base_sigmas=base,
-                                   **{k: getattr(args, k) for k in DEFAULTS})
+                                   **_step_settings(args))
             print(sched.to_json(indent=args.indent))
         elif args.command == "generate":
             _generate(args)

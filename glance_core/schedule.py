@@ -17,8 +17,31 @@ from .sigmas import SaturatedShift
 
 MODES = ("consistent", "reference")
 PHASES = ("slow", "fast")
-DEFAULTS = dict(base_steps=50, slow_steps=5, slow_stride=2, fast_steps=5)
 MAX_BASE_STEPS = 1000
+
+
+@dataclass(frozen=True)
+class StepSettings:
+    """How a Glance schedule compresses its base grid (counts of steps, not sigmas); checked when built."""
+    base_steps: int = 50
+    slow_steps: int = 5
+    slow_stride: int = 2
+    fast_steps: int = 5
+
+    def __post_init__(self):
+        glance_indices(self.base_steps, self.slow_steps, self.slow_stride, self.fast_steps)
+
+    def as_dict(self):
+        """{base_steps, slow_steps, slow_stride, fast_steps} (the node inputs, flags and metadata keys)."""
+        return asdict(self)
+
+
+DEFAULTS = {f: getattr(StepSettings, f) for f in ("base_steps", "slow_steps", "slow_stride", "fast_steps")}
+
+
+def phase_at(sigma, boundary):
+    """Which phase ("slow" or "fast") a model call at `sigma` belongs to: slow above the boundary sigma."""
+    return "slow" if sigma > boundary else "fast"
 
 
 @dataclass(frozen=True)
@@ -62,7 +85,12 @@ class Schedule:
 
     def phase_at(self, sigma):
         """Which phase ("slow" or "fast") a model call at this sigma belongs to."""
-        return "slow" if sigma > self.boundary else "fast"
+        return phase_at(sigma, self.boundary)
+
+    @property
+    def settings(self):
+        """The StepSettings this schedule was built with."""
+        return StepSettings(self.base_steps, self.slow_steps, self.slow_stride, self.fast_steps)
 
     def to_dict(self):
         """Plain-data form (JSON-safe): the inputs, per-phase lists and every step."""

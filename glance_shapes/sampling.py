@@ -4,7 +4,7 @@ import torch
 
 from glance_core import runtime
 from glance_core.integrate import denoised_from_velocity, sample_glance_euler
-from glance_core.schedule import Step, build_schedule
+from glance_core.schedule import Step, build_schedule, phase_at
 from .data import SIZE
 from .family import FAMILY
 
@@ -32,7 +32,7 @@ def denoiser(teacher, cond, adapters=None, boundary=None, cfg=1.0):
     def model(x, sigma):
         adapter = None
         if adapters:
-            adapter = adapters.get("slow" if float(sigma[0]) > boundary else "fast")
+            adapter = adapters.get(phase_at(float(sigma[0]), boundary))
         with runtime.active(adapter, replace=True):
             v = teacher.guided_velocity(x, sigma, cond, cfg)
         return denoised_from_velocity(x, v, sigma)

@@ -63,8 +63,8 @@ def load_pair(model, slow_name, fast_name, strength_slow, strength_fast, scale_p
     attach(model, fast, adapters["fast"], strength_fast, "fast_lora", key_map)
     steps = pair_steps(slow, fast)
     lines = [f"slow: {slow.summary()}", f"fast: {fast.summary()}",
-             f"schedule preset {family}, steps {steps['slow_steps']}x{steps['slow_stride']} slow + "
-             f"{steps['fast_steps']} fast of {steps['base_steps']}"]
+             f"schedule preset {family}, steps {steps.slow_steps}x{steps.slow_stride} slow + "
+             f"{steps.fast_steps} fast of {steps.base_steps}"]
     if slow.ranks != fast.ranks:
         lines.append(f"note: slow rank {slow.ranks} differs from fast rank {fast.ranks}")
     report = "\n".join(lines)

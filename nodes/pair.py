@@ -15,7 +15,7 @@ from ..glance_core import runtime
 from ..glance_core.errors import GlanceError, LoraFileError
 from ..glance_core.families import get_family
 from ..glance_core.lora import check_matches
-from ..glance_core.schedule import DEFAULTS, build_schedule
+from ..glance_core.schedule import StepSettings, build_schedule, model_size, phase_at
 
 log = logging.getLogger("glance")
 WRAPPER_KEY = "glance_pair"
@@ -78,7 +78,7 @@ class GlancePair:
     def __init__(self, slow, fast, family, steps, report, fixed_boundary=None, base_sigmas=None):
         self.adapters = {"slow": slow, "fast": fast}
         self.family = family    # schedule preset of the pair (metadata, else the model's family)
-        self.steps = steps      # step settings the pair was trained for
+        self.steps = steps      # StepSettings the pair was trained for
         self.report = report
         self.trace = None       # set to a list to record (sigma, phase) of every call (tests, debugging)
         self.fixed_boundary = fixed_boundary  # for pairs on explicit schedules (no preset to compute one)
@@ -90,11 +90,10 @@ class GlancePair:
         b = transformer_options.get(BOUNDARY_OPTION, self.fixed_boundary)
         if b is not None:
             return b
-        fam = get_family(self.family)
-        size = (x.shape[-1] * fam.vae_factor, x.shape[-2] * fam.vae_factor)
+        # The size the model really sees (padded to whole patches), as the schedule nodes compute it.
+        size = model_size(self.family, x.shape[-2], x.shape[-1])
         if size not in self._boundaries:
-            w, h = (v - v % fam.pixel_multiple or fam.pixel_multiple for v in size)
-            self._boundaries[size] = build_schedule(fam.name, w, h, **self.steps).boundary
+            self._boundaries[size] = build_schedule(self.family, *size, **self.steps.as_dict()).boundary
         return self._boundaries[size]
 
     def on_detach(self, patcher, unpatch_all):
@@ -106,7 +105,7 @@ class GlancePair:
     def __call__(self, executor, x, t, c_concat=None, c_crossattn=None, control=None, transformer_options={},
                  **kwargs):
         sigma = float(t.reshape(-1)[0])
-        phase = "slow" if sigma > self.boundary(x, transformer_options) else "fast"
+        phase = phase_at(sigma, self.boundary(x, transformer_options))
         if self.trace is not None:
             self.trace.append((sigma, phase))
         base_model = executor.class_obj  # comfy BaseModel: computes in its manual-cast dtype, else its own
@@ -130,9 +129,9 @@ def with_pair(model, pair):
 
 
 def pair_steps(slow, fast):
-    """Step settings of a pair: from its Glance metadata when present, else the defaults."""
+    """StepSettings of a pair: from its Glance metadata when present, else the defaults."""
     for lora in (slow, fast):
-        sched = (lora.glance.schedule if lora.glance else None) or {}
-        if sched:
-            return {k: int(sched.get(k, v)) for k, v in DEFAULTS.items()}
-    return dict(DEFAULTS)
+        sched = lora.glance.stored_schedule() if lora.glance else None
+        if sched is not None:
+            return sched.settings
+    return StepSettings()

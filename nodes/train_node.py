@@ -328,7 +328,7 @@ def train_pair(model, vae, image, positive, empty_prompt, output_name, steps, le
     fast = trained.get("fast", (runtime.Adapter("fast"), None))[0]
     report = (f"trained {', '.join(p.phases)} on {p.width}x{p.height}, rank {rec.rank}, alpha {rec.alpha:g}, "
               f"lr {rec.lr:g}, {p.steps} steps")
-    pair = GlancePair(slow, fast, sched.family, {k: getattr(sched, k) for k in DEFAULTS}, report,
+    pair = GlancePair(slow, fast, sched.family, sched.settings, report,
                       fixed_boundary=None if p.family else sched.boundary)
     curve = loss_curve_image(losses)
     paths = p.output.paths

@@ -64,9 +64,10 @@ def test_errors_name_the_input(pack, node, models):
 def test_the_pairs_preset_wins_over_the_models(pack, node, models, tmp_path):
     """An SD3-family pair's metadata decides the preset even on a model the node would call something else."""
     from glance_pack.glance_core import runtime
+    from glance_pack.glance_core.schedule import StepSettings
     from glance_pack.nodes.pair import GlancePair, with_pair
     build = pack.glance_core.schedule.build_schedule
-    pair = GlancePair(runtime.Adapter("slow"), runtime.Adapter("fast"), "sd3", {}, "test pair")
+    pair = GlancePair(runtime.Adapter("slow"), runtime.Adapter("fast"), "sd3", StepSettings(), "test pair")
     carried = with_pair(models["flux"], pair)
     out = _run(node, carried)
     torch.testing.assert_close(out, torch.tensor(build("sd3", 1024, 1024).sigmas, dtype=torch.float32))
