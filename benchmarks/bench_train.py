@@ -10,7 +10,6 @@ never holds two copies of the base model.
                                                  # projected to Qwen-Image's 60 blocks at 1024 px (about 1 min)
 """
 import argparse
-import importlib.util
 import os
 import statistics
 import sys
@@ -46,10 +45,7 @@ def main():
     from glance_pack.glance_core.schedule import build_schedule
     from glance_pack.nodes.train_node import train_pair
     from glance_pack.nodes.training import materialise, training_targets
-    spec = importlib.util.spec_from_file_location("stand_ins", os.path.join(HERE, "..", "tests", "stand_in_nodes",
-                                                                            "__init__.py"))
-    stand_ins = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(stand_ins)
+    stand_ins = comfy_runtime.stand_ins()
     comfy.utils.PROGRESS_BAR_ENABLED = False
 
     print("building one Qwen-Image block at real width, fp32 ...", flush=True)

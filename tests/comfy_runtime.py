@@ -138,6 +138,11 @@ def import_by_path(name, root):
     return mod
 
 
+def stand_ins():
+    """The test-only stand-in node pack (tests/stand_in_nodes: tiny VAE, text encoder, model loaders), imported once."""
+    return import_by_path("glance_test_stand_ins_lib", os.path.join(PACK_ROOT, "tests", "stand_in_nodes"))
+
+
 def load_pack(name="glance_pack"):
     """Import this repository as a package the way ComfyUI does (by path, relative imports inside)."""
     return import_by_path(name, PACK_ROOT)

@@ -1,6 +1,5 @@
 """Pairs move between the ComfyUI nodes and the diffusers side with the same weight deltas (FLUX: fused qkv in
 ComfyUI, separate q/k/v in diffusers)."""
-import importlib.util
 import os
 
 import torch
@@ -56,10 +55,7 @@ def test_pair_trained_by_the_comfyui_node_loads_in_diffusers(pack, tmp_path):
     from glance_pack.glance_core import diffusers_glance as dg
     from glance_pack.glance_core.lora import read_lora
     from glance_pack.nodes.train_node import train_pair
-    spec = importlib.util.spec_from_file_location(
-        "glance_stand_ins_cross", os.path.join(comfy_runtime.PACK_ROOT, "tests", "stand_in_nodes", "__init__.py"))
-    stand_ins = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(stand_ins)
+    stand_ins = comfy_runtime.stand_ins()
     flux = comfy_runtime.tiny_model("flux")
     img = torch.rand(1, 256, 256, 3, generator=torch.Generator().manual_seed(0))
     with torch.inference_mode():

@@ -25,11 +25,7 @@ def tn(pack):
 
 @pytest.fixture(scope="module")
 def vae(pack):
-    import importlib.util
-    spec = importlib.util.spec_from_file_location(
-        "glance_test_stand_ins_fmt", os.path.join(comfy_runtime.PACK_ROOT, "tests", "stand_in_nodes", "__init__.py"))
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
+    mod = comfy_runtime.stand_ins()
     return mod.tiny_vae(FAMILY)
 
 

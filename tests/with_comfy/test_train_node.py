@@ -12,17 +12,13 @@ FAMILIES = ["qwen-image", "flux", "sd3"]
 
 @pytest.fixture(scope="module")
 def env(pack):
-    import importlib.util
     import glance_pack.glance_core.lora as lora
     import glance_pack.glance_core.train as train
     import glance_pack.nodes.train_node as tn
     from glance_pack.glance_core.errors import GlanceError
     from glance_pack.nodes.pair import pair_of
     from glance_pack.nodes.sampler_node import GlanceSampler
-    spec = importlib.util.spec_from_file_location(
-        "glance_test_stand_ins_lib", os.path.join(comfy_runtime.PACK_ROOT, "tests", "stand_in_nodes", "__init__.py"))
-    stand_ins = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(stand_ins)
+    stand_ins = comfy_runtime.stand_ins()
 
     class NS:
         pass
