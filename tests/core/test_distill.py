@@ -5,6 +5,7 @@ import torch
 from glance_core import distill
 from glance_core.errors import GlanceError
 from glance_core.families import get_family
+from glance_core.lora import read_lora
 from glance_core.schedule import build_schedule
 
 
@@ -86,3 +87,68 @@ def test_loss_trains_a_linear_student_onto_the_path():
     losses = train_lora(velocity, [delta], torch.zeros(1, 4), sched.phase_sigmas("fast"), cfg, loss=loss)
     assert len(losses) == 200 and before > 0
     assert landing_error() < 0.5 * before
+
+
+def _glance_end(pipe, velocity, noise, sched, cfg, adapters):
+    """x at sigma 0 after the 10 Glance Euler steps (with the pair's adapters per phase, or none)."""
+    from glance_core.diffusers_glance import ADAPTERS
+    t = pipe.transformer
+    x = noise
+    with torch.no_grad():
+        for st in sched.steps:
+            if adapters:
+                t.enable_adapters()
+                t.set_adapters([ADAPTERS[st.phase]])
+            else:
+                t.disable_adapters()
+            v = distill.guided(velocity, cfg)(x, torch.full((1,), st.sigma))
+            x = x + (st.sigma_to - st.sigma_from) * v
+    t.enable_adapters()
+    return x
+
+
+def test_diffusers_distilled_pair_lands_nearer_the_50_step_picture(tmp_path):
+    from test_diffusers_glance import SIZE, _embeds, _qwen_pipe
+    from glance_core.diffusers_train import train_pair
+    from glance_core.families import get_family
+    pipe = _qwen_pipe()
+    pe, pm = _embeds(1)
+    ee, em = _embeds(3)
+    seen = []
+    paths = train_pair(pipe, image_latents=torch.zeros(1, 16, 1, SIZE // 8, SIZE // 8), prompt_embeds=pe,
+                       prompt_embeds_mask=pm, empty_prompt_embeds=ee, empty_prompt_embeds_mask=em, steps=60, rank=4,
+                       learning_rate=5e-3, out_dir=tmp_path, name="dist", seed=5, objective=distill.DISTILL,
+                       trajectories=3, distill_cfg=2.0, on_trajectory=lambda i, n: seen.append((i, n)))
+    fam = get_family("qwen-image")
+    sched = build_schedule(fam, SIZE, SIZE)
+    assert seen[-1] == (3 * sched.base_steps, 3 * sched.base_steps) and len(seen) == 3 * sched.base_steps
+    for phase, path in paths.items():
+        g = read_lora(path).glance
+        assert g.extra["objective"] == distill.DISTILL and g.extra["trajectories"] == 3
+        assert g.extra["trajectory_seeds"] == ["5", "6", "7"] and g.extra["distill_cfg"] == 2.0
+        assert g.extra["student_cfg"] == 2.0 and g.extra["distill_base_steps"] == 50
+        assert sum(g.extra["losses"][-10:]) < sum(g.extra["losses"][:10])
+    call = fam.train_call(pipe, SIZE, SIZE, "cpu", torch.float32)
+    conds = {False: (pe, pm), True: (ee, em)}
+    velocity = lambda x, s, dropped: call(x, s, conds[dropped])  # noqa: E731
+    base = fam.base_sigmas(sched.base_steps, SIZE, SIZE)
+    for seed in (5, 100):  # a training trajectory's seed, and one never trained on
+        noise = distill.seed_noise((1, (SIZE // 16) ** 2, 64), seed)
+        pipe.transformer.disable_adapters()
+        ref = distill.path_states(distill.guided(velocity, 2.0), noise, base, [0.0])[0]
+        pipe.transformer.enable_adapters()
+        bare = _glance_end(pipe, velocity, noise, sched, 2.0, adapters=False)
+        ours = _glance_end(pipe, velocity, noise, sched, 2.0, adapters=True)
+        assert ((ours - ref) ** 2).mean() < ((bare - ref) ** 2).mean(), seed
+
+
+def test_diffusers_distill_needs_the_empty_prompt_for_guidance():
+    from test_diffusers_glance import SIZE, _embeds, _qwen_pipe
+    from glance_core.diffusers_train import train_pair
+    pe, pm = _embeds(1)
+    with pytest.raises(GlanceError, match="empty_prompt_embeds"):
+        train_pair(_qwen_pipe(), image_latents=torch.zeros(1, 16, 1, SIZE // 8, SIZE // 8), prompt_embeds=pe,
+                   prompt_embeds_mask=pm, steps=1, objective=distill.DISTILL, distill_cfg=3.0)
+    with pytest.raises(GlanceError, match="trajectories: 0"):
+        train_pair(_qwen_pipe(), image_latents=torch.zeros(1, 16, 1, SIZE // 8, SIZE // 8), prompt_embeds=pe,
+                   prompt_embeds_mask=pm, steps=1, objective=distill.DISTILL, trajectories=0)
