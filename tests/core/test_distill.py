@@ -152,3 +152,28 @@ def test_diffusers_distill_needs_the_empty_prompt_for_guidance():
     with pytest.raises(GlanceError, match="trajectories: 0"):
         train_pair(_qwen_pipe(), image_latents=torch.zeros(1, 16, 1, SIZE // 8, SIZE // 8), prompt_embeds=pe,
                    prompt_embeds_mask=pm, steps=1, objective=distill.DISTILL, trajectories=0)
+
+
+def test_cli_trains_a_distilled_pair_and_names_bad_flags(tmp_path):
+    import tiny_pipelines
+    from PIL import Image
+    from test_cli_diffusers import _cli
+    flux_dir = tiny_pipelines.save_tiny_flux(str(tmp_path / "tiny_flux"))
+    Image.new("RGB", (256, 256), (200, 60, 40)).save(tmp_path / "ref.png")
+    common = ["train", "--model", flux_dir, "--image", str(tmp_path / "ref.png"), "--caption", "a red fox",
+              "--steps", "2", "--rank", "4", "--resolution", "256", "--out-dir", str(tmp_path)]
+    out = _cli(*common, "--name", "d", "--objective", "distill", "--trajectories", "2", "--distill-cfg", "2",
+               "--student-cfg", "1", "--seed", "9")
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "Base-model paths" in out.stderr and "Glance training" in out.stderr
+    for phase in ("slow", "fast"):
+        g = read_lora(str(tmp_path / f"d_{phase}.safetensors")).glance
+        assert g.extra["objective"] == distill.DISTILL and g.extra["trajectory_seeds"] == ["9", "10"]
+        assert g.extra["distill_cfg"] == 2.0 and g.extra["student_cfg"] == 1.0
+    for flags, msg in [(["--objective", "best"], "--objective 'best': choose one of flow, distill"),
+                       (["--objective", "distill", "--trajectories", "0"], "--trajectories: 0 is out of range"),
+                       (["--objective", "distill", "--distill-cfg", "nan"], "--distill-cfg: nan"),
+                       (["--objective", "distill", "--student-cfg", "-1"], "--student-cfg: -1")]:
+        bad = _cli(*common, "--name", "e", *flags)
+        assert bad.returncode == 2 and msg in bad.stderr and "Traceback" not in bad.stderr, (flags, bad.stderr)
+    assert not list(tmp_path.glob("e_*"))
