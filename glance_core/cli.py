@@ -83,6 +83,16 @@ def _parser():
     t.add_argument("--phases", choices=("both", "slow", "fast"), default="both", help="which LoRAs (default both)")
     t.add_argument("--seed", type=int, default=0, help="seed (default 0)")
     t.add_argument("--overwrite", action="store_true", help="replace existing files")
+    t.add_argument("--objective", default="flow", help="flow = the paper's flow matching on the image (default); "
+                   "distill = each Glance step learns to land on the base model's own 50-step path (trajectories "
+                   "it generates itself from the caption; the image then only gives the size)")
+    t.add_argument("--trajectories", type=int, default=8,
+                   help="distill: how many base-model paths (seeds SEED, SEED+1, ...; default 8)")
+    t.add_argument("--distill-cfg", type=float, default=1.0,
+                   help="distill: the plain CFG scale of the base paths, the one you sample with (default 1 = off)")
+    t.add_argument("--student-cfg", type=float,
+                   help="distill: the CFG the pair will sample at (default --distill-cfg; 1 with --distill-cfg 3 "
+                        "= one model call per step)")
 
     return p
 
@@ -273,6 +283,7 @@ def _train(args):
     from .diffusers_train import train_pair
     phases = _check_train(args)  # every flag, before the minutes a large pipeline takes to load
     # (train_pair checks the outputs again before its first step: the folder may change meanwhile)
+    objective = _check_distill(args)
     try:
         img = Image.open(args.image).convert("RGB")
     except (OSError, UnidentifiedImageError) as e:
@@ -287,6 +298,13 @@ def _train(args):
     pipe = _load_pipeline(args)
     x = x.permute(2, 0, 1)[None].to(args.device)
     bar = tqdm(total=args.steps * len(phases), desc="Glance training")
+    paths_bar = None
+
+    def trajectory_step(done, total):
+        nonlocal paths_bar
+        if paths_bar is None:
+            paths_bar = tqdm(total=total, desc="Base-model paths (steps)")
+        paths_bar.update(done - paths_bar.n)
 
     def step(phase, i, loss):
         bar.set_postfix(lora=phase, loss=f"{loss:.4f}")
@@ -295,9 +313,12 @@ def _train(args):
         paths = train_pair(pipe, image=x, prompt=args.caption, steps=args.steps, rank=args.rank, alpha=args.alpha,
                            learning_rate=args.lr, caption_dropout=args.caption_dropout, seed=args.seed,
                            phases=phases, out_dir=args.out_dir, name=args.name, overwrite=args.overwrite,
-                           on_step=step)
+                           on_step=step, objective=objective, trajectories=args.trajectories,
+                           distill_cfg=args.distill_cfg, student_cfg=args.student_cfg, on_trajectory=trajectory_step)
     finally:
         bar.close()
+        if paths_bar is not None:
+            paths_bar.close()
     for p in paths.values():
         print(p)
 
@@ -326,6 +347,18 @@ def _check_train(args):
 def _step_settings(args):
     """The four step-setting flags as build_schedule keywords."""
     return {k: getattr(args, k) for k in DEFAULTS}
+
+
+def _check_distill(args):
+    """Validate the objective's flags (errors name the flag); returns the objective's full name."""
+    from . import distill
+    if args.objective not in distill.CLI_NAMES:
+        raise GlanceError(f"--objective {args.objective!r}: choose one of {', '.join(distill.CLI_NAMES)}")
+    objective = distill.CLI_NAMES[args.objective]
+    distill.check_settings(objective, args.trajectories, args.distill_cfg, args.student_cfg,
+                           names={"objective": "--objective", "trajectories": "--trajectories",
+                                  "cfg": "--distill-cfg", "student_cfg": "--student-cfg"})
+    return objective
 
 
 def _floats(flag, text):

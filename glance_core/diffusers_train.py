@@ -7,6 +7,7 @@ import logging
 import numpy as np
 import torch
 
+from . import distill
 from .diffusers_glance import ADAPTERS, _family
 from .errors import GlanceError
 from .plan import (HASH_OF, PairOutput, check_finite, check_seed, image_sha256, init_seed, pair_meta, phase_seed,
@@ -62,12 +63,16 @@ def train_pair(pipe, *, image=None, image_latents=None, prompt=None, prompt_embe
                pooled_prompt_embeds=None, empty_prompt_embeds=None, empty_prompt_embeds_mask=None,
                empty_pooled_prompt_embeds=None, steps=60, rank=None, alpha=None, learning_rate=None,
                caption_dropout=None, seed=0, phases=("slow", "fast"), out_dir=None, name=None, overwrite=False,
-               on_step=None):
+               on_step=None, objective=distill.FLOW, trajectories=8, distill_cfg=1.0, student_cfg=None,
+               on_trajectory=None):
     """Train the Glance pair on one image; returns {phase: path} (or {phase: modules} without out_dir).
 
     `image`: a [1, 3, H, W] tensor in [0, 1], sides multiples of the family's pixel multiple (or give
     `image_latents`, normalised and unpacked). The trained adapters stay loaded as glance_slow / glance_fast,
     ready for `generate`. Settings, outputs and inputs are all checked before the first step.
+    `objective=distill.DISTILL` trains on `trajectories` base-model paths (seeds seed, seed+1, ...) made at
+    `distill_cfg` (the image then only gives the size); the pair is trained for sampling at `student_cfg`
+    (None: distill_cfg). `on_trajectory(done, total)` counts their base-model steps.
     """
     from peft import LoraConfig
     family = _family(pipe)
@@ -78,6 +83,12 @@ def train_pair(pipe, *, image=None, image_latents=None, prompt=None, prompt_embe
                   pooled_prompt_embeds=pooled_prompt_embeds)
     empty_embeds = dict(prompt_embeds=empty_prompt_embeds, prompt_embeds_mask=empty_prompt_embeds_mask,
                         pooled_prompt_embeds=empty_pooled_prompt_embeds)
+    student = distill.check_settings(objective, trajectories, distill_cfg, student_cfg,
+                                     names={"cfg": "distill_cfg"})
+    guided = student is not None and max(distill_cfg, student) != 1
+    if guided and empty_prompt_embeds is None and prompt_embeds is not None:
+        raise GlanceError("empty_prompt_embeds: distill_cfg/student_cfg above 1 needs the empty prompt's embeddings "
+                          "(the unconditional half of guidance)")
     dropout = rec.caption_dropout
     if dropout > 0 and empty_prompt_embeds is None and prompt_embeds is not None:
         log.warning("caption dropout %.2f is off: prompt_embeds were given without empty_prompt_embeds, and there "
@@ -93,7 +104,7 @@ def train_pair(pipe, *, image=None, image_latents=None, prompt=None, prompt_embe
     x0 = family.pack(pipe, image_latents.float()).to(device)
     with torch.no_grad():  # encoded once; the text encoders are not trained
         cond = family.train_conditioning(pipe, prompt, embeds, device)
-        empty = cond if dropout == 0 else family.train_conditioning(pipe, "", empty_embeds, device)
+        empty = cond if dropout == 0 and not guided else family.train_conditioning(pipe, "", empty_embeds, device)
     call = family.train_call(pipe, h, w, device, x0.dtype)
 
     def velocity(xt, sigma, dropped):
@@ -104,6 +115,22 @@ def train_pair(pipe, *, image=None, image_latents=None, prompt=None, prompt_embe
     if not targets:
         raise GlanceError(f"found no layers of the {family.label} recipe in this {type(transformer).__name__}")
     transformer.requires_grad_(False)
+    seeds, paths = [], None
+    if student is not None:
+        for adapter in ADAPTERS.values():  # the base model's own path: no old Glance adapter in it
+            if adapter in getattr(transformer, "peft_config", {}):
+                transformer.delete_adapters(adapter)
+        others = bool(getattr(transformer, "peft_config", {}))
+        if others:
+            transformer.disable_adapters()
+        seeds = distill.trajectory_seeds(seed, trajectories)
+        base = list(sched.base_sigmas or family.base_sigmas(sched.base_steps, w, h))
+        try:
+            paths = distill.make_trajectories(velocity, tuple(x0.shape), seeds, base, sched.steps, distill_cfg,
+                                              on_step=on_trajectory, device=device)
+        finally:
+            if others:
+                transformer.enable_adapters()
     losses, trained = {}, {}
     for k, phase in enumerate(phases):
         adapter = ADAPTERS[phase]
@@ -118,11 +145,13 @@ def train_pair(pipe, *, image=None, image_latents=None, prompt=None, prompt_embe
             p.requires_grad_(True)
         settings = TrainConfig(steps=steps, lr=rec.lr, weight_decay=rec.weight_decay, caption_dropout=dropout,
                                seed=phase_seed(seed, k))
+        loss = None if paths is None else distill.distill_loss(paths, sched.steps, phase, velocity, student,
+                                                                 seed=phase_seed(seed, k))
         with torch.enable_grad():
             losses[phase] = train_lora(velocity, params, x0, sched.phase_sigmas(phase), settings,
                                        on_step=(lambda i, loss, phase=phase: on_step(phase, i, loss))
                                        if on_step else None,
-                                       phase=f"{phase} LoRA")
+                                       phase=f"{phase} LoRA", loss=loss)
         for p in params:
             p.requires_grad_(False)
         trained[phase] = {n: (d.detach().cpu(), u.detach().cpu(), rec.alpha)
@@ -132,7 +161,8 @@ def train_pair(pipe, *, image=None, image_latents=None, prompt=None, prompt_embe
         return trained
     metas = {phase: pair_meta(phase, family.name, sched, rec, targets, digest, losses[phase],
                               {"steps": steps, "caption_dropout": dropout, "seed": seed, "trainer": "diffusers",
-                               "hash_of": hash_of})
+                               "hash_of": hash_of,
+                               **distill.meta(objective, seeds, distill_cfg, student, sched.base_steps)})
              for phase in phases}
     output.write(trained, metas, "diffusers")
     return output.paths

@@ -7,4 +7,7 @@ DEFAULT_CAPTION = "red circle top-left on white"  # the demo's and the benchmark
 # The guidance the teacher is sampled with by default: at 3 its 50-step pictures fit their captions far more
 # often than unguided (see the teacher record's check), as real text-to-image models are sampled with CFG.
 DEFAULT_CFG = 3.0
-OBJECTIVES = ("flow-matching", "trajectory")  # pair training: the paper's loss, or the teacher's own path
+# pair training: the paper's loss, the teacher's own path of the one sample, or glance_core.distill's objective
+# (each Glance step lands on the teacher's 50-step path, over DISTILL_TRAJECTORIES paths of the one caption)
+OBJECTIVES = ("flow-matching", "trajectory", "distill")
+DISTILL_TRAJECTORIES = 16

@@ -3,12 +3,12 @@
 import torch
 import torch.nn.functional as F
 
-from glance_core import runtime
+from glance_core import distill, runtime
 from glance_core.plan import phase_seed
 from glance_core.train import TrainConfig, TrainingError, lora_pair_params, train_lora
-from . import OBJECTIVES
+from . import DISTILL_TRAJECTORIES, OBJECTIVES
 from .family import FAMILY
-from .sampling import glance_schedule, trajectory
+from .sampling import glance_schedule, plain_steps, trajectory
 
 
 def target_modules(teacher):
@@ -18,8 +18,16 @@ def target_modules(teacher):
             if isinstance(m, torch.nn.Linear) and pattern.search(n)]
 
 
+def teacher_velocity(teacher, cond):
+    """velocity(x, sigma [B], dropped) of the bare teacher for one caption's conditioning (no adapter)."""
+    def velocity(x, sigma, dropped):
+        with runtime.active(replace=True):
+            return teacher.velocity(x, sigma, teacher.empty_like(cond) if dropped else cond)
+    return velocity
+
+
 def train_pair(teacher, caption, seed, objective="flow-matching", steps=60, rank=None, alpha=None, lr=None,
-               cfg=1.0, on_step=None):
+               cfg=1.0, on_step=None, trajectories=DISTILL_TRAJECTORIES):
     """Train the pair on the teacher's 50-step sample for (caption, seed).
 
     objective "flow-matching" is the paper's: x_sigma = (1 - sigma) x0 + sigma noise with fresh noise, target
@@ -27,7 +35,9 @@ def train_pair(teacher, caption, seed, objective="flow-matching", steps=60, rank
     path: input its state at the sigma, target the velocity that reaches its state at the next Glance sigma.
     `cfg`: the guidance the pair will sample with. The training sample is the teacher's 50-step picture at that
     guidance; the trajectory objective regresses the guided velocity (both passes through the LoRA), while
-    flow matching trains the plain conditional prediction, as the paper does.
+    flow matching trains the plain conditional prediction, as the paper does. "distill" is glance_core.distill's
+    objective on `trajectories` guided 50-step paths of the caption (seeds: `seed`, then 1001, 1002 ...; the
+    held-out seeds 1..64 are never used), no picture needed.
     Returns ({"slow": Adapter, "fast": Adapter}, {"slow": losses, "fast": losses}, sample [1, 3, 32, 32] in [0, 1]).
     `on_step(phase, i, loss)` is called after each step.
     """
@@ -41,6 +51,11 @@ def train_pair(teacher, caption, seed, objective="flow-matching", steps=60, rank
     x0 = path[0.0]
     cond = teacher.cond([caption])
     adapters, losses = {}, {}
+    paths = None
+    if objective == "distill":
+        base = teacher_velocity(teacher, cond)
+        paths = distill.make_trajectories(base, tuple(x0.shape), [seed] + [1000 + i for i in range(1, trajectories)],
+                                          [st.sigma for st in plain_steps(sched.base_steps)], sched.steps, cfg)
     gen = torch.Generator().manual_seed(seed)
     for k, phase in enumerate(("slow", "fast")):
         adapter = runtime.Adapter(phase, trainable=True)
@@ -61,6 +76,8 @@ def train_pair(teacher, caption, seed, objective="flow-matching", steps=60, rank
                 if targets is not None:
                     return teacher.guided_velocity(xt, sigma, cond, cfg)
                 return teacher.velocity(xt, sigma, teacher.empty_like(cond) if dropped else cond)
+        if paths is not None:
+            loss = distill.distill_loss(paths, sched.steps, phase, velocity, cfg, seed=phase_seed(seed, k))
         settings = TrainConfig(steps=steps, lr=lr or recipe["lr"], weight_decay=recipe["weight_decay"],
                           seed=phase_seed(seed, k))
         with torch.enable_grad():

@@ -12,7 +12,7 @@ import node_helpers
 import torch
 from comfy_api.v0_0_2 import io
 
-from ..glance_core import runtime
+from ..glance_core import distill, runtime
 from ..glance_core.errors import GlanceError
 from ..glance_core.families import get_family
 from ..glance_core.integrate import velocity_from_denoised
@@ -119,6 +119,21 @@ class GlanceTrainLoRAPair(io.ComfyNode):
                              tooltip="Which image of a batch to train on; -1 = the input must be one image."),
                 io.Conditioning.Input("empty_prompt", optional=True,
                                       tooltip="The empty prompt, encoded: used for caption dropout."),
+                io.Combo.Input("objective", options=list(distill.OBJECTIVES), default=distill.FLOW, optional=True,
+                               tooltip="flow matching (paper): learn the image at each LoRA's sigmas. distill "
+                                       "50-step path: each Glance step learns to land where this model's own "
+                                       "50-step path is (paths it generates itself from the caption; the image "
+                                       "then only gives the size)."),
+                io.Int.Input("trajectories", default=8, min=1, max=distill.MAX_TRAJECTORIES, optional=True,
+                             tooltip="distill: how many 50-step paths to generate (seeds seed, seed+1, ...; the "
+                                     "first is the noise a sampler with this seed uses). Each costs one 50-step "
+                                     "generation (two model calls a step above CFG 1)."),
+                io.Float.Input("distill_cfg", default=1.0, min=1.0, max=30.0, step=0.1, optional=True,
+                               tooltip="distill: the CFG of the 50-step paths, the one you sample with. Above 1 "
+                                       "needs empty_prompt (the negative)."),
+                io.Float.Input("student_cfg", default=0.0, min=0.0, max=30.0, step=0.1, optional=True,
+                               tooltip="distill: the CFG the pair will sample at; 0 = distill_cfg. 1 with "
+                                       "distill_cfg above 1 gives a pair that needs one model call a step."),
             ],
             outputs=[
                 io.Model.Output(tooltip="The model with the new pair attached, ready for Glance Sampler."),
@@ -131,11 +146,12 @@ class GlanceTrainLoRAPair(io.ComfyNode):
     @classmethod
     def execute(cls, model, vae, image, positive, output_name, steps, learning_rate, rank, alpha, caption_dropout,
                 seed, training_dtype, resolution, phases, gradient_checkpointing, overwrite, export_diffusers,
-                image_index, empty_prompt=None) -> io.NodeOutput:
+                image_index, empty_prompt=None, objective=distill.FLOW, trajectories=8, distill_cfg=1.0,
+                student_cfg=0.0) -> io.NodeOutput:
         return io.NodeOutput(*train_pair(
             model, vae, image, positive, empty_prompt, output_name, steps, learning_rate, rank, alpha,
             caption_dropout, seed, training_dtype, resolution, phases, gradient_checkpointing, overwrite,
-            export_diffusers, image_index))
+            export_diffusers, image_index, objective, trajectories, distill_cfg, student_cfg))
 
 
 def _progress_text(text):
@@ -167,13 +183,15 @@ class Prepared:
     steps: int
     dtype: torch.dtype
     gradient_checkpointing: bool
+    distill: dict = None    # the distillation objective's settings (None: the paper's objective)
 
 
 def prepare(model, image, positive, empty_prompt, output_name, steps, learning_rate, rank, alpha, caption_dropout,
             seed, training_dtype, resolution, phases, gradient_checkpointing, overwrite, export_diffusers,
-            image_index):
+            image_index, objective=distill.FLOW, trajectories=8, distill_cfg=1.0, student_cfg=0.0):
     """Check every input and the output files, resolve the recipe and the schedule: nothing runs yet."""
     require_flow(model)
+    dist = _distill_settings(objective, trajectories, distill_cfg, student_cfg, seed, empty_prompt)
     if phases not in PHASE_CHOICES:
         raise GlanceError(f"phases: choose one of {', '.join(PHASE_CHOICES)}")
     if training_dtype not in DTYPES:
@@ -215,7 +233,51 @@ def prepare(model, image, positive, empty_prompt, output_name, steps, learning_r
         if empty_prompt is not None:
             empty_prompt = node_helpers.conditioning_set_values(empty_prompt, {"guidance": family.train_guidance})
     return Prepared(family, rec, todo, output, sched, targets, img, width, height, positive, empty_prompt, seed,
-                    steps, DTYPES[training_dtype], gradient_checkpointing)
+                    steps, DTYPES[training_dtype], gradient_checkpointing, dist)
+
+
+def _distill_settings(objective, trajectories, distill_cfg, student_cfg, seed, empty_prompt):
+    """The distillation settings checked (errors name the input), or None for the paper's objective."""
+    student = distill.check_settings(objective, trajectories, distill_cfg, student_cfg)
+    if student is None:
+        return None
+    if max(distill_cfg, student) != 1 and empty_prompt is None:
+        raise GlanceError("empty_prompt: distill_cfg/student_cfg above 1 needs the empty prompt connected (the "
+                          "negative of guidance)")
+    return {"objective": objective, "seeds": distill.trajectory_seeds(seed, trajectories), "cfg": float(distill_cfg),
+            "student_cfg": student}
+
+
+def _model_velocity(model_wrap, extra_args, dtype, adapter=None):
+    """velocity(xt, sigma, dropped) of ComfyUI's model call (sigma: flow sigma, [B]); `adapter` active if given."""
+    def velocity(xt, sigma, dropped):
+        conds = model_wrap.conds
+        if dropped:
+            model_wrap.conds = {**conds, "positive": conds["negative"]}
+        try:
+            with runtime.active(adapter), torch.autocast(xt.device.type, dtype=dtype,
+                                                         enabled=dtype != torch.float32):
+                denoised = model_wrap(xt, sigma, **extra_args)
+        finally:
+            model_wrap.conds = conds
+        return velocity_from_denoised(xt, denoised.float(), sigma)
+    return velocity
+
+
+def make_trajectories(model_wrap, extra_args, x0, p):
+    """The base model's own paths for the distillation objective, one at a time under no_grad (progress, cancel)."""
+    d, sched = p.distill, p.sched
+    base = list(sched.base_sigmas) if sched.base_sigmas else p.family.base_sigmas(sched.base_steps, p.width,
+                                                                                  p.height)
+    total = len(d["seeds"]) * len(base)
+    bar = comfy.utils.ProgressBar(total)
+
+    def on_step(done, total):
+        comfy.model_management.throw_exception_if_processing_interrupted()
+        bar.update_absolute(done, total)
+        _progress_text(f"base-model paths: step {done}/{total}")
+    return distill.make_trajectories(_model_velocity(model_wrap, extra_args, p.dtype), tuple(x0.shape), d["seeds"],
+                                     base, sched.steps, d["cfg"], on_step=on_step, device=x0.device)
 
 
 def train(model, vae, p):
@@ -237,6 +299,7 @@ def train(model, vae, p):
             fit_memory(mp, p, x0, dev)
             materialise(mp.model)
             gen = torch.Generator().manual_seed(p.seed)
+            paths = None if p.distill is None else make_trajectories(model_wrap, extra_args, x0, p)
             with frozen(mp.model.diffusion_model), \
                     trainable_blocks(mp.model.diffusion_model, p.gradient_checkpointing, clone_saved=clone_saved):
                 for k, phase in enumerate(p.phases):
@@ -244,17 +307,9 @@ def train(model, vae, p):
                     settings = TrainConfig(steps=p.steps, lr=rec.lr, weight_decay=rec.weight_decay,
                                            caption_dropout=rec.caption_dropout, seed=phase_seed(p.seed, k))
 
-                    def velocity(xt, sigma, dropped, adapter=adapter):
-                        conds = model_wrap.conds
-                        if dropped:
-                            model_wrap.conds = {**conds, "positive": conds["negative"]}
-                        try:
-                            with runtime.active(adapter), torch.autocast(dev.type, dtype=dtype,
-                                                                         enabled=dtype != torch.float32):
-                                denoised = model_wrap(xt, sigma, **extra_args)
-                        finally:
-                            model_wrap.conds = conds
-                        return velocity_from_denoised(xt, denoised.float(), sigma)
+                    velocity = _model_velocity(model_wrap, extra_args, dtype, adapter)
+                    loss = None if paths is None else distill.distill_loss(
+                        paths, p.sched.steps, phase, velocity, p.distill["student_cfg"], seed=phase_seed(p.seed, k))
 
                     def on_step(i, loss, phase=phase, k=k):
                         comfy.model_management.throw_exception_if_processing_interrupted()
@@ -264,7 +319,7 @@ def train(model, vae, p):
                             log.info("Glance train %s step %d/%d loss %.5f", phase, i + 1, p.steps, loss)
 
                     losses[phase] = train_lora(velocity, adapter.parameters(), x0, p.sched.phase_sigmas(phase),
-                                               settings, on_step, phase=f"{phase} LoRA")
+                                               settings, on_step, phase=f"{phase} LoRA", loss=loss)
                     adapter.freeze()
                     trained[phase] = (adapter, params)  # the writers detach and move to CPU
 
@@ -306,20 +361,29 @@ def save(p, trained, losses, training_dtype):
     modules = {phase: {n: (d, u, rec.alpha) for n, (d, u) in trained[phase][1].items()} for phase in p.phases}
     metas = {phase: pair_meta(phase, p.sched.family, p.sched, rec, [t[0] for t in p.targets], img_sha,
                               losses[phase], {"steps": p.steps, "seed": p.seed, "training_dtype": training_dtype,
-                                              "size": [p.width, p.height], "hash_of": HASH_OF})
+                                              "size": [p.width, p.height], "hash_of": HASH_OF,
+                                              **_distill_meta(p)})
              for phase in p.phases}
     written = p.output.write(modules, metas, p.targets[0][1])
     for path in written:
         log.info("Glance train: wrote %s", path)
 
 
+def _distill_meta(p):
+    d = p.distill
+    if d is None:
+        return distill.meta(distill.FLOW)
+    return distill.meta(d["objective"], d["seeds"], d["cfg"], d["student_cfg"], p.sched.base_steps)
+
+
 def train_pair(model, vae, image, positive, empty_prompt, output_name, steps, learning_rate, rank, alpha,
                caption_dropout, seed, training_dtype, resolution, phases, gradient_checkpointing, overwrite,
-               export_diffusers, image_index):
+               export_diffusers, image_index, objective=distill.FLOW, trajectories=8, distill_cfg=1.0,
+               student_cfg=0.0):
     """The node's work: prepare, train, save; returns (MODEL, slow path, fast path, loss-curve IMAGE)."""
     p = prepare(model, image, positive, empty_prompt, output_name, steps, learning_rate, rank, alpha,
                 caption_dropout, seed, training_dtype, resolution, phases, gradient_checkpointing, overwrite,
-                export_diffusers, image_index)
+                export_diffusers, image_index, objective, trajectories, distill_cfg, student_cfg)
     trained, losses = train(model, vae, p)
     # Everything trained: only now write files, so an interrupted or failed run leaves none.
     save(p, trained, losses, training_dtype)
@@ -327,7 +391,9 @@ def train_pair(model, vae, image, positive, empty_prompt, output_name, steps, le
     slow = trained.get("slow", (runtime.Adapter("slow"), None))[0]
     fast = trained.get("fast", (runtime.Adapter("fast"), None))[0]
     report = (f"trained {', '.join(p.phases)} on {p.width}x{p.height}, rank {rec.rank}, alpha {rec.alpha:g}, "
-              f"lr {rec.lr:g}, {p.steps} steps")
+              f"lr {rec.lr:g}, {p.steps} steps" + ("" if p.distill is None else
+                                                   f", {p.distill['objective']} ({len(p.distill['seeds'])} paths "
+                                                   f"at cfg {p.distill['cfg']:g})"))
     pair = GlancePair(slow, fast, sched.family, sched.settings, report,
                       fixed_boundary=None if p.family else sched.boundary)
     curve = loss_curve_image(losses)
