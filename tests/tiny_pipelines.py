@@ -17,9 +17,18 @@ def _tokenizer(max_length):
                                    model_max_length=max_length), len(vocab)
 
 
+def _tiny_vae(scaling_factor, shift_factor):
+    """A 16-channel AutoencoderKL (8x down) a few kB big, with the family's latent scaling and shift."""
+    from diffusers import AutoencoderKL
+    return AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 4,
+                         up_block_types=("UpDecoderBlock2D",) * 4, block_out_channels=(8, 8, 8, 8), layers_per_block=1,
+                         latent_channels=16, norm_num_groups=4, scaling_factor=scaling_factor,
+                         shift_factor=shift_factor, use_quant_conv=False, use_post_quant_conv=False)
+
+
 def save_tiny_flux(folder):
     """A FluxPipeline (transformer, VAE, CLIP and T5 encoders, tokenizers) a few MB big, saved to `folder`."""
-    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+    from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
     from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
     torch.manual_seed(0)
     tok, n = _tokenizer(77)
@@ -29,10 +38,7 @@ def save_tiny_flux(folder):
                                         pad_token_id=0, bos_token_id=1, eos_token_id=1))
     t5 = T5EncoderModel(T5Config(vocab_size=n, d_model=32, d_kv=8, d_ff=64, num_layers=1, num_heads=4,
                                  relative_attention_num_buckets=8, pad_token_id=0, eos_token_id=1))
-    vae = AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 4,
-                        up_block_types=("UpDecoderBlock2D",) * 4, block_out_channels=(8, 8, 8, 8), layers_per_block=1,
-                        latent_channels=16, norm_num_groups=4, scaling_factor=0.3611, shift_factor=0.1159,
-                        use_quant_conv=False, use_post_quant_conv=False)
+    vae = _tiny_vae(scaling_factor=0.3611, shift_factor=0.1159)
     transformer = tiny_flux_transformer(seed=None)
     sched = FlowMatchEulerDiscreteScheduler(base_image_seq_len=256, base_shift=0.5, max_image_seq_len=4096,
                                             max_shift=1.15, shift=3.0, use_dynamic_shifting=True)
@@ -46,8 +52,7 @@ def save_tiny_flux(folder):
 
 def save_tiny_sd3(folder):
     """A StableDiffusion3Pipeline (transformer, VAE, two CLIPs with projection, T5, tokenizers) a few MB big."""
-    from diffusers import (AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel,
-                           StableDiffusion3Pipeline)
+    from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
     from transformers import CLIPTextConfig, CLIPTextModelWithProjection, T5Config, T5EncoderModel
     torch.manual_seed(0)
     tok, n = _tokenizer(77)
@@ -59,10 +64,7 @@ def save_tiny_sd3(folder):
             max_position_embeddings=77, projection_dim=32, pad_token_id=0, bos_token_id=1, eos_token_id=1))
     t5 = T5EncoderModel(T5Config(vocab_size=n, d_model=64, d_kv=8, d_ff=64, num_layers=1, num_heads=4,
                                  relative_attention_num_buckets=8, pad_token_id=0, eos_token_id=1))
-    vae = AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 4,
-                        up_block_types=("UpDecoderBlock2D",) * 4, block_out_channels=(8, 8, 8, 8), layers_per_block=1,
-                        latent_channels=16, norm_num_groups=4, scaling_factor=1.5305, shift_factor=0.0609,
-                        use_quant_conv=False, use_post_quant_conv=False)
+    vae = _tiny_vae(scaling_factor=1.5305, shift_factor=0.0609)
     transformer = SD3Transformer2DModel(sample_size=32, patch_size=2, in_channels=16, num_layers=2,
                                         attention_head_dim=16, num_attention_heads=2, joint_attention_dim=64,
                                         caption_projection_dim=32, pooled_projection_dim=64, out_channels=16,

@@ -12,7 +12,7 @@ from glance_core import runtime
 from glance_core.errors import GlanceError
 from glance_core.schedule import build_schedule
 from glance_shapes import DEFAULT_CFG, data, judge, teacher as teacher_mod
-from glance_shapes.compare import VARIANTS, fidelity
+from glance_shapes.compare import VARIANTS, fidelity, render
 from glance_shapes.glance import target_modules, train_pair
 from glance_shapes.sampling import denoiser, glance_schedule, noise_for, plain_steps, sample, trajectory
 
@@ -186,6 +186,17 @@ def test_benchmark_on_two_samples(tmp_path):
         assert set(acc) == {"all", "shape", "colour", "position", "background"}
         assert all(2 * v == int(2 * v) for v in acc.values())
         assert acc["all"] <= min(v for k, v in acc.items() if k != "all"), acc
+    # The adapter-free rows recomputed from their own pictures (the teacher is deterministic): each row's
+    # accuracy is the judge's reading of that row's pictures against the held-out captions, not another row's.
+    teacher = teacher_mod.load()
+    captions = [data.parse_caption(c) for c, _ in res["held_out"]]
+    seeds = [s for _, s in res["held_out"]]
+    pictures = {v.label: render(teacher, v, captions, seeds, cfg=res["cfg"])[0] for v in VARIANTS if v.pair is None}
+    assert len(pictures) == 3
+    for r in rows:
+        if r["label"] in pictures:
+            assert r["accuracy"] == judge.score(pictures[r["label"]], captions), r["label"]
+            assert r["mse"] == pytest.approx(fidelity(pictures[r["label"]], pictures[rows[0]["label"]])[1])
     assert res["caption"] not in [c for c, _ in res["held_out"]]
     for name in ("shapes_grid.png", "shapes_grid_all.png", "shapes_benchmark.md", "shapes_benchmark.json"):
         assert (tmp_path / name).stat().st_size > 0
