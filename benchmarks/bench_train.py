@@ -179,18 +179,20 @@ def memory_table(model, blocks=60, size=1024, text_tokens=256, vram=(24, 12)):
 
     tokens = (size // 16) ** 2 + text_tokens
     print(f"\nProjection: {blocks} blocks, {size}x{size} ({tokens} tokens with {text_tokens} text tokens), "
-          f"rank {rank}, bf16 compute, gradient checkpointing (flash attention on a GPU keeps no token^2 part):")
+          f"rank {rank}, bf16 compute, gradient checkpointing (flash attention on a GPU keeps no token^2 part; "
+          "fp8 adds the recomputed block's bf16 weight copies):")
     acts = blocks * per_tw[True] * tokens * width * 2 + per_tw[False] * tokens * width * 2
     acts_nockpt = blocks * per_tw[False] * tokens * width * 2
     lora = blocks * lora_params * 16
     print(f"  {'weights':>12} {'weights GiB':>12} {'LoRA+opt GiB':>13} {'activations GiB':>16} {'peak GiB':>9}")
     for name, bytes_per in (("bf16", 2), ("fp8_e4m3fn", 1)):
         w = (blocks * block_w + other_w) * bytes_per
-        print(f"  {name:>12} {w / GiB:12.1f} {lora / GiB:13.2f} {acts / GiB:16.2f} {(w + lora + acts) / GiB:9.1f}")
+        a = acts + (block_w * 2 if bytes_per != 2 else 0)  # the recomputed block's bf16 weight copies
+        print(f"  {name:>12} {w / GiB:12.1f} {lora / GiB:13.2f} {a / GiB:16.2f} {(w + lora + a) / GiB:9.1f}")
     print(f"  (without checkpointing the activations alone would be {acts_nockpt / GiB:.0f} GiB)")
     w8 = (blocks * block_w + other_w)
     for card in vram:
-        room = card * GiB * 0.95 - lora - acts  # ComfyUI keeps some memory back for the CUDA context
+        room = card * GiB * 0.95 - lora - acts - block_w * 2  # ComfyUI keeps some back for the CUDA context
         streamed = max(0.0, w8 - room)
         # Streamed layers cross PCIe once in forward, once in the checkpoint recomputation, once in backward.
         print(f"  fp8 on a {card} GiB card with partial loading: {max(0.0, room) / GiB:.1f} GiB of weights stay, "

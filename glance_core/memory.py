@@ -48,9 +48,11 @@ def size(n):
     return f"{n / GiB:.1f} GiB" if n >= GiB else f"{n / 2 ** 20:.1f} MiB"
 
 
-def activation_bytes(tokens, width, blocks, compute_bytes, checkpointing):
-    """Bytes of activations kept for backward: `tokens` (image + text) through `blocks` blocks `width` wide."""
-    per_block = BLOCK_SAVED_PER_TOKEN_WIDTH * tokens * width * compute_bytes
+def activation_bytes(tokens, width, blocks, compute_bytes, checkpointing, cast_block_bytes=0):
+    """Bytes kept for backward: activations of `tokens` (image + text) through `blocks` blocks `width` wide, plus
+    the compute-dtype copies of weights stored otherwise (fp8, GGUF, fp32 under autocast: `cast_block_bytes` a
+    block), which backward needs for the input gradient; with checkpointing only one block's of each."""
+    per_block = BLOCK_SAVED_PER_TOKEN_WIDTH * tokens * width * compute_bytes + cast_block_bytes
     if checkpointing:
         return int(blocks * CHECKPOINT_SAVED_PER_TOKEN_WIDTH * tokens * width * compute_bytes + per_block)
     return int(blocks * per_block)
@@ -62,7 +64,7 @@ def lora_bytes(lora_params):
 
 
 def plan_memory(model_bytes, loaded_bytes, lora_params, tokens, width, blocks, compute_bytes, checkpointing,
-                free_bytes, min_weights_bytes=0):
+                cast_block_bytes, free_bytes, min_weights_bytes=0):
     """Fit a run into `free_bytes` of device memory (beyond what the model has loaded already).
 
     Everything but the weights must fit; the weights fill what is left (ComfyUI streams the rest from the CPU,
@@ -70,7 +72,7 @@ def plan_memory(model_bytes, loaded_bytes, lora_params, tokens, width, blocks, c
     does not fit. Returns a TrainingMemory.
     """
     lora = lora_bytes(lora_params)
-    acts = activation_bytes(tokens, width, blocks, compute_bytes, checkpointing)
+    acts = activation_bytes(tokens, width, blocks, compute_bytes, checkpointing, cast_block_bytes)
     room = free_bytes + loaded_bytes - lora - acts
     if room < min_weights_bytes:
         need = lora + acts + min_weights_bytes

@@ -1,6 +1,7 @@
 """Training on a ComfyUI MODEL: targets per family, autograd-safe weights, checkpointed blocks, the step loop
 run through ComfyUI's own model call path (a custom Sampler under a CFGGuider)."""
 import contextlib
+import math
 import re
 
 import comfy.samplers
@@ -68,8 +69,12 @@ def training_memory(patcher, targets, rank, tokens, compute_dtype, checkpointing
                               (comfy.utils.get_attr(patcher.model, key).shape[0] if length is None else length))
                       for _, _, key, _, length in targets)
     size, loaded = patcher.model_size(), patcher.loaded_size()
-    args = (lora_params, tokens, width, len(_blocks(dm)), torch.tensor([], dtype=compute_dtype).element_size(),
-            checkpointing)
+    blocks = _blocks(dm)
+    compute_bytes = torch.tensor([], dtype=compute_dtype).element_size()
+    # Weights stored in another dtype are cast per layer; GGUF tensors report their logical shape.
+    cast = sum(math.prod(getattr(p, "tensor_shape", p.shape)) for p in blocks[0].parameters()
+               if p.dtype != compute_dtype) * compute_bytes if blocks else 0
+    args = (lora_params, tokens, width, len(blocks), compute_bytes, checkpointing, cast)
     if free_bytes is None:
         return memory.TrainingMemory(size, 0, memory.lora_bytes(lora_params), memory.activation_bytes(*args[1:]))
     return memory.plan_memory(size, loaded, *args, free_bytes=free_bytes)

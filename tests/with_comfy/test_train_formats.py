@@ -148,6 +148,15 @@ def test_memory_is_reported_before_the_first_step_and_a_run_that_cannot_fit_is_r
         comfy_runtime.loras_dir(), "glance", "fmt_mem_slow.safetensors")).values() if p.dim() == 2)
     assert est.lora == 16 * lora_params  # parameter, gradient and AdamW's two moments, float32
     assert est.activations == memory.activation_bytes(tokens, 32, 2, 4, True)  # width 32, 2 blocks
+    # fp8 weights are cast per layer to the compute dtype, and backward keeps the copies: one block's with
+    # checkpointing, every block's without.
+    fp8, _ = real_formats.fp8_model(FAMILY, real_formats.checkpoint(FAMILY))
+    block = sum(p.numel() for p in fp8.model.diffusion_model.transformer_blocks[0].parameters()
+                if p.dtype == real_formats.FP8) * 4
+    assert block > 0
+    for ckpt, copies in ((True, block), (False, 2 * block)):
+        got = training_memory(fp8, targets, 4, tokens, torch.float32, ckpt, None).activations
+        assert got == memory.activation_bytes(tokens, 32, 2, 4, ckpt) + copies
     # Room for everything: nothing offloaded. Room for all but some weights: those are streamed. No room for
     # the activations: refused, naming what to change.
     # free_bytes counts what the device has beyond the weights the model holds loaded already.
