@@ -6,7 +6,6 @@ waits on the CPU), and the activations autograd keeps for backward. With gradien
 block's inputs plus one block recomputed at a time; without it, every block's. Activations grow linearly with
 the tokens (flash or memory-efficient attention, as on a GPU, keeps no tokens x tokens matrix).
 """
-import math
 from dataclasses import dataclass
 
 import torch
@@ -65,7 +64,8 @@ def lora_bytes(lora_params):
 
 def plan_memory(model_bytes, loaded_bytes, lora_params, tokens, width, blocks, compute_bytes, checkpointing,
                 cast_block_bytes, free_bytes, min_weights_bytes=0):
-    """Fit a run into `free_bytes` of device memory (beyond what the model has loaded already).
+    """Fit a run into `free_bytes` of device memory (beyond what the model has loaded already; math.inf: the
+    estimate alone, nothing streamed or refused).
 
     Everything but the weights must fit; the weights fill what is left (ComfyUI streams the rest from the CPU,
     at least `min_weights_bytes` stay, e.g. the layers it cannot offload). Raises GlanceError when even that
@@ -117,7 +117,3 @@ def fit_linear_quadratic(n1, b1, n2, b2):
     c = (b2 / n2 - b1 / n1) / (n2 - n1)
     return b1 / n1 - c * n1, c
 
-
-def gib(x):
-    """Bytes as GiB, rounded for tables."""
-    return round(x / GiB, 2 if x < 10 * GiB else 1) if math.isfinite(x) else x

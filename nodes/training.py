@@ -64,20 +64,17 @@ def training_memory(patcher, targets, rank, tokens, compute_dtype, checkpointing
     Raises GlanceError naming the settings when it cannot fit.
     """
     dm = patcher.model.diffusion_model
-    width = min(comfy.utils.get_attr(patcher.model, t[2]).shape[-1] for t in targets)  # attention reads the width
-    lora_params = sum(rank * (comfy.utils.get_attr(patcher.model, key).shape[-1] +
-                              (comfy.utils.get_attr(patcher.model, key).shape[0] if length is None else length))
-                      for _, _, key, _, length in targets)
+    shapes = [(comfy.utils.get_attr(patcher.model, key).shape, length) for _, _, key, _, length in targets]
+    width = min(shape[-1] for shape, _ in shapes)  # the attention layers read the model's width
+    lora_params = sum(rank * (shape[-1] + (shape[0] if length is None else length)) for shape, length in shapes)
     size, loaded = patcher.model_size(), patcher.loaded_size()
     blocks = _blocks(dm)
     compute_bytes = torch.tensor([], dtype=compute_dtype).element_size()
     # Weights stored in another dtype are cast per layer; GGUF tensors report their logical shape.
     cast = sum(math.prod(getattr(p, "tensor_shape", p.shape)) for p in blocks[0].parameters()
                if p.dtype != compute_dtype) * compute_bytes if blocks else 0
-    args = (lora_params, tokens, width, len(blocks), compute_bytes, checkpointing, cast)
-    if free_bytes is None:
-        return memory.TrainingMemory(size, 0, memory.lora_bytes(lora_params), memory.activation_bytes(*args[1:]))
-    return memory.plan_memory(size, loaded, *args, free_bytes=free_bytes)
+    return memory.plan_memory(size, loaded, lora_params, tokens, width, len(blocks), compute_bytes, checkpointing,
+                              cast, free_bytes=math.inf if free_bytes is None else free_bytes)
 
 
 def materialise(module):
