@@ -22,6 +22,7 @@ import argparse
 import itertools
 import json
 import os
+import re
 import sys
 import time
 
@@ -83,13 +84,32 @@ def training_data(kind, n, caption, held):
     return cond, seeds
 
 
-def new_pair(teacher, rank, seed):
-    """{"slow", "fast"}: fresh trainable run-time adapters on the SD3 recipe's layers (alpha = 4 rank)."""
+MODULES = {  # which layers the pair adapts (`--modules`)
+    "attn": None,  # the SD3 recipe's attention projections (glance_shapes.glance.target_modules)
+    "time": re.compile(r"time_text_embed\.timestep_embedder\.linear_[12]$"),  # a function of sigma only
+    "ada": re.compile(r"(norm1|norm1_context|norm_out)\.linear$"),           # adaLN modulation
+}
+
+
+def adapted(teacher, which):
+    """[(name, Linear)] for a `--modules` value: names joined by + (attn+time)."""
+    out = []
+    for w in which.split("+"):
+        if MODULES[w] is None:
+            out += target_modules(teacher)
+        else:
+            out += [(n, m) for n, m in teacher.transformer.named_modules()
+                    if isinstance(m, torch.nn.Linear) and MODULES[w].search(n)]
+    return out
+
+
+def new_pair(teacher, rank, seed, modules="attn"):
+    """{"slow", "fast"}: fresh trainable run-time adapters on the chosen layers (alpha = 4 rank)."""
     gen = torch.Generator().manual_seed(seed)
     pair = {}
     for phase in ("slow", "fast"):
         a = runtime.Adapter(phase, trainable=True)
-        for _, m in target_modules(teacher):
+        for _, m in adapted(teacher, modules):
             a.add(m, *lora_pair_params((rank, m.in_features), (m.out_features, rank), rank, generator=gen), 4.0)
         pair[phase] = a
     return pair
@@ -102,7 +122,7 @@ def distil(teacher, r):
     noise = noise_for(seeds)
     path = states_along(teacher, cond, noise, plain_steps(SCHED.base_steps), r["cfg"])   # [11, N, ...]
     t_paths = time.perf_counter() - t0
-    pair = new_pair(teacher, r["rank"], r["seed"])
+    pair = new_pair(teacher, r["rank"], r["seed"], r["modules"])
     params = pair["slow"].parameters() + pair["fast"].parameters()
     opt = torch.optim.AdamW(params, lr=r["lr"], weight_decay=0.01)
     gen = torch.Generator().manual_seed(r["seed"])
@@ -152,6 +172,8 @@ def main(argv=None):
     ap.add_argument("--steps", type=int, default=[200], **sweep, help="optimizer steps (both LoRAs at once)")
     ap.add_argument("--lr", type=float, default=[5e-4], **sweep)
     ap.add_argument("--rank", type=int, default=[16], **sweep)
+    ap.add_argument("--modules", default=["attn"], **sweep,
+                    help="layers adapted: attn (the SD3 recipe), time (timestep embedder), ada (adaLN), or a+b")
     ap.add_argument("--batch", type=int, default=16, help="training items (trajectory, Glance step) per step")
     ap.add_argument("--refresh", type=int, default=25, help="on-policy: re-roll the student every this many steps")
     ap.add_argument("--samples", type=int, default=64, help="held-out (caption, seed) pairs")
@@ -181,7 +203,7 @@ def main(argv=None):
         base["glance10_at_sample_cfg"] = evaluate(teacher, captions, seeds, ref, sample_cfg)
         base["plain10_at_sample_cfg"] = evaluate(teacher, captions, seeds, ref, sample_cfg, steps=plain_steps(10))
     print(json.dumps(base))
-    names = ("data", "trajectories", "target", "weight", "steps", "lr", "rank")
+    names = ("data", "trajectories", "target", "weight", "steps", "lr", "rank", "modules")
     for combo in itertools.product(*(getattr(a, n) for n in names)):
         r = dict(zip(names, combo), cfg=a.cfg, sample_cfg=sample_cfg, batch=a.batch, refresh=a.refresh,
                  caption=caption, held=list(captions), seed=0)

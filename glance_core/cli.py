@@ -93,6 +93,13 @@ def _parser():
     t.add_argument("--student-cfg", type=float,
                    help="distill: the CFG the pair will sample at (default --distill-cfg; 1 with --distill-cfg 3 "
                         "= one model call per step)")
+    t.add_argument("--trajectory-prompts", default="caption",
+                   help="distill: caption = every path on the caption (default); mix = every second path on the "
+                        "empty prompt")
+    t.add_argument("--layers", default="recipe",
+                   help="recipe = the family's official layers (default, the paper's); timestep = only the "
+                        "timestep embedder's two linears (a function of the noise level alone; carries to other "
+                        "prompts)")
 
     return p
 
@@ -283,7 +290,7 @@ def _train(args):
     from .diffusers_train import train_pair
     phases = _check_train(args)  # every flag, before the minutes a large pipeline takes to load
     # (train_pair checks the outputs again before its first step: the folder may change meanwhile)
-    objective = _check_distill(args)
+    objective, prompts, layers = _check_distill(args)
     try:
         img = Image.open(args.image).convert("RGB")
     except (OSError, UnidentifiedImageError) as e:
@@ -314,7 +321,8 @@ def _train(args):
                            learning_rate=args.lr, caption_dropout=args.caption_dropout, seed=args.seed,
                            phases=phases, out_dir=args.out_dir, name=args.name, overwrite=args.overwrite,
                            on_step=step, objective=objective, trajectories=args.trajectories,
-                           distill_cfg=args.distill_cfg, student_cfg=args.student_cfg, on_trajectory=trajectory_step)
+                           distill_cfg=args.distill_cfg, student_cfg=args.student_cfg, on_trajectory=trajectory_step,
+                           layers=layers, trajectory_prompts=prompts)
     finally:
         bar.close()
         if paths_bar is not None:
@@ -350,15 +358,25 @@ def _step_settings(args):
 
 
 def _check_distill(args):
-    """Validate the objective's flags (errors name the flag); returns the objective's full name."""
+    """Validate the objective's and layers' flags (errors name the flag); returns the full names of the
+    objective, the trajectory prompts and the layers."""
     from . import distill
+    from .families import LAYERS
     if args.objective not in distill.CLI_NAMES:
         raise GlanceError(f"--objective {args.objective!r}: choose one of {', '.join(distill.CLI_NAMES)}")
+    if args.trajectory_prompts not in distill.CLI_PROMPTS:
+        raise GlanceError(f"--trajectory-prompts {args.trajectory_prompts!r}: choose one of "
+                          f"{', '.join(distill.CLI_PROMPTS)}")
+    layer_names = dict(zip(("recipe", "timestep"), LAYERS))
+    if args.layers not in layer_names:
+        raise GlanceError(f"--layers {args.layers!r}: choose one of {', '.join(layer_names)}")
     objective = distill.CLI_NAMES[args.objective]
+    prompts = distill.CLI_PROMPTS[args.trajectory_prompts]
     distill.check_settings(objective, args.trajectories, args.distill_cfg, args.student_cfg,
                            names={"objective": "--objective", "trajectories": "--trajectories",
-                                  "cfg": "--distill-cfg", "student_cfg": "--student-cfg"})
-    return objective
+                                  "cfg": "--distill-cfg", "student_cfg": "--student-cfg",
+                                  "prompts": "--trajectory-prompts"}, prompts=prompts)
+    return objective, prompts, layer_names[args.layers]
 
 
 def _floats(flag, text):

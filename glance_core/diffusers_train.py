@@ -10,6 +10,7 @@ import torch
 from . import distill
 from .diffusers_glance import ADAPTERS, _family
 from .errors import GlanceError
+from .families import RECIPE_LAYERS
 from .plan import (HASH_OF, PairOutput, check_finite, check_seed, image_sha256, init_seed, pair_meta, phase_seed,
                    resolve_recipe)
 from .schedule import build_schedule
@@ -64,7 +65,7 @@ def train_pair(pipe, *, image=None, image_latents=None, prompt=None, prompt_embe
                empty_pooled_prompt_embeds=None, steps=60, rank=None, alpha=None, learning_rate=None,
                caption_dropout=None, seed=0, phases=("slow", "fast"), out_dir=None, name=None, overwrite=False,
                on_step=None, objective=distill.FLOW, trajectories=8, distill_cfg=1.0, student_cfg=None,
-               on_trajectory=None):
+               on_trajectory=None, layers=RECIPE_LAYERS, trajectory_prompts=distill.CAPTION):
     """Train the Glance pair on one image; returns {phase: path} (or {phase: modules} without out_dir).
 
     `image`: a [1, 3, H, W] tensor in [0, 1], sides multiples of the family's pixel multiple (or give
@@ -72,7 +73,9 @@ def train_pair(pipe, *, image=None, image_latents=None, prompt=None, prompt_embe
     ready for `generate`. Settings, outputs and inputs are all checked before the first step.
     `objective=distill.DISTILL` trains on `trajectories` base-model paths (seeds seed, seed+1, ...) made at
     `distill_cfg` (the image then only gives the size); the pair is trained for sampling at `student_cfg`
-    (None: distill_cfg). `on_trajectory(done, total)` counts their base-model steps.
+    (None: distill_cfg); `trajectory_prompts=distill.MIX` makes every second path on the empty prompt.
+    `on_trajectory(done, total)` counts their base-model steps. `layers`: which layers the pair adapts
+    (glance_core.families.LAYERS: the family's recipe, or the timestep embedder only).
     """
     from peft import LoraConfig
     family = _family(pipe)
@@ -84,11 +87,12 @@ def train_pair(pipe, *, image=None, image_latents=None, prompt=None, prompt_embe
     empty_embeds = dict(prompt_embeds=empty_prompt_embeds, prompt_embeds_mask=empty_prompt_embeds_mask,
                         pooled_prompt_embeds=empty_pooled_prompt_embeds)
     student = distill.check_settings(objective, trajectories, distill_cfg, student_cfg,
-                                     names={"cfg": "distill_cfg"})
-    guided = student is not None and max(distill_cfg, student) != 1
+                                     names={"cfg": "distill_cfg"}, prompts=trajectory_prompts)
+    pattern = family.layer_pattern(layers)
+    guided = student is not None and (max(distill_cfg, student) != 1 or trajectory_prompts == distill.MIX)
     if guided and empty_prompt_embeds is None and prompt_embeds is not None:
-        raise GlanceError("empty_prompt_embeds: distill_cfg/student_cfg above 1 needs the empty prompt's embeddings "
-                          "(the unconditional half of guidance)")
+        raise GlanceError("empty_prompt_embeds: distill_cfg/student_cfg above 1 or trajectory_prompts "
+                          f"{distill.MIX!r} needs the empty prompt's embeddings (the unconditional half of guidance)")
     dropout = rec.caption_dropout
     if dropout > 0 and empty_prompt_embeds is None and prompt_embeds is not None:
         log.warning("caption dropout %.2f is off: prompt_embeds were given without empty_prompt_embeds, and there "
@@ -110,10 +114,9 @@ def train_pair(pipe, *, image=None, image_latents=None, prompt=None, prompt_embe
     def velocity(xt, sigma, dropped):
         return call(xt, sigma.to(xt.dtype).expand(xt.shape[0]), empty if dropped else cond)
 
-    pattern = family.target_pattern
     targets = sorted(n for n, m in transformer.named_modules() if isinstance(m, torch.nn.Linear) and pattern.search(n))
     if not targets:
-        raise GlanceError(f"found no layers of the {family.label} recipe in this {type(transformer).__name__}")
+        raise GlanceError(f"layers: found no {layers} layers of {family.label} in this {type(transformer).__name__}")
     transformer.requires_grad_(False)
     seeds, paths = [], None
     if student is not None:
@@ -127,7 +130,7 @@ def train_pair(pipe, *, image=None, image_latents=None, prompt=None, prompt_embe
         base = list(sched.base_sigmas or family.base_sigmas(sched.base_steps, w, h))
         try:
             paths = distill.make_trajectories(velocity, tuple(x0.shape), seeds, base, sched.steps, distill_cfg,
-                                              on_step=on_trajectory, device=device)
+                                              on_step=on_trajectory, device=device, prompts=trajectory_prompts)
         finally:
             if others:
                 transformer.enable_adapters()
@@ -161,8 +164,9 @@ def train_pair(pipe, *, image=None, image_latents=None, prompt=None, prompt_embe
         return trained
     metas = {phase: pair_meta(phase, family.name, sched, rec, targets, digest, losses[phase],
                               {"steps": steps, "caption_dropout": dropout, "seed": seed, "trainer": "diffusers",
-                               "hash_of": hash_of,
-                               **distill.meta(objective, seeds, distill_cfg, student, sched.base_steps)})
+                               "hash_of": hash_of, "layers": layers,
+                               **distill.meta(objective, seeds, distill_cfg, student, sched.base_steps,
+                                              trajectory_prompts)})
              for phase in phases}
     output.write(trained, metas, "diffusers")
     return output.paths

@@ -18,16 +18,24 @@ FLOW = "flow matching (paper)"
 DISTILL = "distill 50-step path"
 OBJECTIVES = (FLOW, DISTILL)
 CLI_NAMES = {"flow": FLOW, "distill": DISTILL}  # --objective values
+# What the trajectories are conditioned on: the caption only, or every second one on the empty prompt (the
+# guided prediction of an empty-prompt path is the unconditional one), so the pair sees more than one picture.
+CAPTION = "caption"
+MIX = "caption and empty prompt"
+PROMPTS = (CAPTION, MIX)
+CLI_PROMPTS = {"caption": CAPTION, "mix": MIX}  # --trajectory-prompts values
 MAX_TRAJECTORIES = 1024
 SEED_SPACE = 2 ** 64
 
 
-def check_settings(objective, trajectories, cfg, student_cfg, names=None):
+def check_settings(objective, trajectories, cfg, student_cfg, names=None, prompts=CAPTION):
     """Raise GlanceError naming the input/flag unless the objective's settings are usable; returns student cfg."""
     names = {"objective": "objective", "trajectories": "trajectories", "cfg": "distill_cfg",
-             "student_cfg": "student_cfg", **(names or {})}
+             "student_cfg": "student_cfg", "prompts": "trajectory_prompts", **(names or {})}
     if objective not in OBJECTIVES:
         raise GlanceError(f"{names['objective']}: {objective!r} is not one of {', '.join(map(repr, OBJECTIVES))}")
+    if prompts not in PROMPTS:
+        raise GlanceError(f"{names['prompts']}: {prompts!r} is not one of {', '.join(map(repr, PROMPTS))}")
     if objective == FLOW:
         return None
     if not 1 <= int(trajectories) <= MAX_TRAJECTORIES:
@@ -46,13 +54,22 @@ def trajectory_seeds(seed, n):
     return [(int(seed) + i) % SEED_SPACE for i in range(n)]
 
 
+def empty_flags(n, prompts=CAPTION):
+    """Per trajectory: True where it is conditioned on the empty prompt (MIX: every second, the first never)."""
+    return [prompts == MIX and i % 2 == 1 for i in range(n)]
+
+
 def seed_noise(shape, seed):
     """Noise [*shape] of one seed, drawn on the CPU in float32 like ComfyUI's prepare_noise."""
     return torch.randn(shape, generator=torch.Generator().manual_seed(int(seed) % SEED_SPACE), dtype=torch.float32)
 
 
-def guided(velocity, cfg):
-    """v(x, sigma) = uncond + cfg (cond - uncond) of a `velocity(x, sigma, dropped)` callable (cfg 1: cond only)."""
+def guided(velocity, cfg, empty=False):
+    """v(x, sigma) = uncond + cfg (cond - uncond) of a `velocity(x, sigma, dropped)` callable (cfg 1: cond only).
+
+    empty: the path's own prompt is the empty one, so cond = uncond and the guided velocity is the unconditional."""
+    if empty:
+        return lambda x, s: velocity(x, s, True)
     if cfg == 1:
         return lambda x, s: velocity(x, s, False)
 
@@ -103,38 +120,41 @@ def glance_sigmas(steps):
     return sorted({float(s) for st in steps for s in (st.sigma_from, st.sigma_to)}, reverse=True)
 
 
-def make_trajectories(velocity, shape, seeds, base_sigmas, steps, cfg, on_step=None, device="cpu"):
-    """{"sigmas": Glance sigmas, "states": [len(sigmas), n, *shape[1:]] on CPU}: one base path per seed at cfg.
+def make_trajectories(velocity, shape, seeds, base_sigmas, steps, cfg, on_step=None, device="cpu", prompts=CAPTION):
+    """{"sigmas": Glance sigmas, "states": [len(sigmas), n, *shape[1:]] on CPU, "empty": [n] bools}: one base
+    path per seed at cfg, conditioned on the caption (or, `prompts` MIX, every second on the empty prompt).
 
     One trajectory at a time (batch 1, as training), so memory does not grow with their number;
     `on_step(done, total)` counts base-model Euler steps over all trajectories.
     """
     sig = glance_sigmas(steps)
-    v = guided(velocity, cfg)
+    empty = empty_flags(len(seeds), prompts)
     per = len(base_sigmas) - (1 if float(base_sigmas[-1]) == 0.0 else 0)
     states = []
     for t, seed in enumerate(seeds):
         noise = seed_noise(shape, seed).to(device)
         cb = None if on_step is None else (lambda i, n, t=t: on_step(t * per + i + 1, per * len(seeds)))
-        st = path_states(v, noise, base_sigmas, sig, cb)
+        st = path_states(guided(velocity, cfg, empty[t]), noise, base_sigmas, sig, cb)
         if not torch.isfinite(st).all():
             raise GlanceError(f"trajectory {t} (seed {seed}): the base model's path is not finite")
         states.append(st.cpu())
-    return {"sigmas": sig, "states": torch.cat(states, dim=1)}
+    return {"sigmas": sig, "states": torch.cat(states, dim=1), "empty": empty}
 
 
 def distill_loss(trajectories, steps, phase, velocity, cfg, seed=0):
     """A `loss(model, x0, noise, sigma, k)` for `train_lora`: k-th step of `phase` lands on a random path.
 
-    The prediction is the guided velocity at `cfg` (the LoRA active in both passes, as when sampling); the
-    caption is never dropped here, and x0 / noise of the paper's objective are unused.
+    The prediction is the guided velocity at `cfg` (the LoRA active in both passes, as when sampling) on the
+    path's own prompt (the caption, or the empty prompt for the paths made on it); x0 / noise of the paper's
+    objective are unused.
     """
     ph = [st for st in steps if st.phase == phase]
     sig = trajectories["sigmas"]
     states = trajectories["states"]
     idx = [(sig.index(float(st.sigma_from)), sig.index(float(st.sigma_to))) for st in ph]
     gen = torch.Generator().manual_seed(int(seed) % SEED_SPACE)
-    v = guided(velocity, cfg)
+    empty = trajectories.get("empty") or [False] * states.shape[1]
+    v = {e: guided(velocity, cfg, e) for e in (False, True)}
 
     def loss(model, x0, noise, sigma, k):
         n = int(torch.randint(states.shape[1], (1,), generator=gen))
@@ -142,13 +162,14 @@ def distill_loss(trajectories, steps, phase, velocity, cfg, seed=0):
         x = states[i, n:n + 1].to(x0)
         target = (states[j, n:n + 1].to(x0) - x) / (sig[j] - sig[i])
         s = torch.full((1,), float(ph[k].sigma), dtype=torch.float32, device=x0.device)
-        return F.mse_loss(v(x, s).float(), target.float())
+        return F.mse_loss(v[empty[n]](x, s).float(), target.float())
     return loss
 
 
-def meta(objective, seeds=(), cfg=None, student_cfg=None, base_steps=None):
+def meta(objective, seeds=(), cfg=None, student_cfg=None, base_steps=None, prompts=CAPTION):
     """The Glance metadata fields that record the objective and its data (JSON-safe)."""
     if objective == FLOW:
         return {"objective": FLOW}
     return {"objective": objective, "trajectories": len(seeds), "trajectory_seeds": [str(s) for s in seeds],
-            "distill_cfg": float(cfg), "student_cfg": float(student_cfg), "distill_base_steps": int(base_steps)}
+            "trajectory_prompts": prompts, "distill_cfg": float(cfg), "student_cfg": float(student_cfg),
+            "distill_base_steps": int(base_steps)}

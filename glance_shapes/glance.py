@@ -4,6 +4,7 @@ import torch
 import torch.nn.functional as F
 
 from glance_core import distill, runtime
+from glance_core.families import RECIPE_LAYERS
 from glance_core.plan import phase_seed
 from glance_core.train import TrainConfig, TrainingError, lora_pair_params, train_lora
 from . import DISTILL_TRAJECTORIES, OBJECTIVES
@@ -11,9 +12,10 @@ from .family import FAMILY
 from .sampling import glance_schedule, plain_steps, trajectory
 
 
-def target_modules(teacher):
-    """[(name, Linear)] the SD3 recipe adapts: the attention q/k/v/out projections of every block."""
-    pattern = FAMILY.target_pattern
+def target_modules(teacher, layers=RECIPE_LAYERS):
+    """[(name, Linear)] a pair adapts: the SD3 recipe's attention q/k/v/out projections of every block, or the
+    timestep embedder's two linears (`layers`, one of glance_core.families.LAYERS)."""
+    pattern = FAMILY.layer_pattern(layers)
     return [(n, m) for n, m in teacher.transformer.named_modules()
             if isinstance(m, torch.nn.Linear) and pattern.search(n)]
 
@@ -27,7 +29,8 @@ def teacher_velocity(teacher, cond):
 
 
 def train_pair(teacher, caption, seed, objective="flow-matching", steps=60, rank=None, alpha=None, lr=None,
-               cfg=1.0, on_step=None, trajectories=DISTILL_TRAJECTORIES):
+               cfg=1.0, on_step=None, trajectories=DISTILL_TRAJECTORIES, layers=RECIPE_LAYERS,
+               prompts=distill.CAPTION):
     """Train the pair on the teacher's 50-step sample for (caption, seed).
 
     objective "flow-matching" is the paper's: x_sigma = (1 - sigma) x0 + sigma noise with fresh noise, target
@@ -37,7 +40,8 @@ def train_pair(teacher, caption, seed, objective="flow-matching", steps=60, rank
     guidance; the trajectory objective regresses the guided velocity (both passes through the LoRA), while
     flow matching trains the plain conditional prediction, as the paper does. "distill" is glance_core.distill's
     objective on `trajectories` guided 50-step paths of the caption (seeds: `seed`, then 1001, 1002 ...; the
-    held-out seeds 1..64 are never used), no picture needed.
+    held-out seeds 1..64 are never used), no picture needed; `prompts` distill.MIX puts every second path on the
+    empty prompt. `layers`: which layers the pair adapts (glance_core.families.LAYERS).
     Returns ({"slow": Adapter, "fast": Adapter}, {"slow": losses, "fast": losses}, sample [1, 3, 32, 32] in [0, 1]).
     `on_step(phase, i, loss)` is called after each step.
     """
@@ -55,11 +59,12 @@ def train_pair(teacher, caption, seed, objective="flow-matching", steps=60, rank
     if objective == "distill":
         base = teacher_velocity(teacher, cond)
         paths = distill.make_trajectories(base, tuple(x0.shape), [seed] + [1000 + i for i in range(1, trajectories)],
-                                          [st.sigma for st in plain_steps(sched.base_steps)], sched.steps, cfg)
+                                          [st.sigma for st in plain_steps(sched.base_steps)], sched.steps, cfg,
+                                          prompts=prompts)
     gen = torch.Generator().manual_seed(seed)
     for k, phase in enumerate(("slow", "fast")):
         adapter = runtime.Adapter(phase, trainable=True)
-        for _, module in target_modules(teacher):
+        for _, module in target_modules(teacher, layers):
             down, up = lora_pair_params((rank, module.in_features), (module.out_features, rank), rank, generator=gen)
             adapter.add(module, down, up, alpha / rank)
         targets = loss = None

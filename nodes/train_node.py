@@ -14,7 +14,7 @@ from comfy_api.v0_0_2 import io
 
 from ..glance_core import distill, runtime
 from ..glance_core.errors import GlanceError
-from ..glance_core.families import get_family
+from ..glance_core.families import LAYERS, RECIPE_LAYERS, get_family
 from ..glance_core.integrate import velocity_from_denoised
 from ..glance_core.plan import (HASH_OF, PairOutput, Recipe, check_finite, check_seed, image_sha256, pair_meta,
                                 phase_seed, resolve_recipe)
@@ -134,6 +134,15 @@ class GlanceTrainLoRAPair(io.ComfyNode):
                 io.Float.Input("student_cfg", default=0.0, min=0.0, max=30.0, step=0.1, optional=True,
                                tooltip="distill: the CFG the pair will sample at; 0 = distill_cfg. 1 with "
                                        "distill_cfg above 1 gives a pair that needs one model call a step."),
+                io.Combo.Input("layers", options=list(LAYERS), default=RECIPE_LAYERS, optional=True,
+                               tooltip="Which layers the pair adapts. recipe (paper): the family's official "
+                                       "layers. timestep embedder: only its two small linears, a function of the "
+                                       "noise level alone: it cannot memorise the caption, so a distilled pair "
+                                       "carries to other prompts (the best objective on the bundled teacher)."),
+                io.Combo.Input("trajectory_prompts", options=list(distill.PROMPTS), default=distill.CAPTION,
+                               optional=True,
+                               tooltip="distill: what the paths are conditioned on: the caption, or every second "
+                                       "path on the empty prompt (needs empty_prompt)."),
             ],
             outputs=[
                 io.Model.Output(tooltip="The model with the new pair attached, ready for Glance Sampler."),
@@ -147,11 +156,12 @@ class GlanceTrainLoRAPair(io.ComfyNode):
     def execute(cls, model, vae, image, positive, output_name, steps, learning_rate, rank, alpha, caption_dropout,
                 seed, training_dtype, resolution, phases, gradient_checkpointing, overwrite, export_diffusers,
                 image_index, empty_prompt=None, objective=distill.FLOW, trajectories=8, distill_cfg=1.0,
-                student_cfg=0.0) -> io.NodeOutput:
+                student_cfg=0.0, layers=RECIPE_LAYERS, trajectory_prompts=distill.CAPTION) -> io.NodeOutput:
         return io.NodeOutput(*train_pair(
             model, vae, image, positive, empty_prompt, output_name, steps, learning_rate, rank, alpha,
             caption_dropout, seed, training_dtype, resolution, phases, gradient_checkpointing, overwrite,
-            export_diffusers, image_index, objective, trajectories, distill_cfg, student_cfg))
+            export_diffusers, image_index, objective, trajectories, distill_cfg, student_cfg, layers,
+            trajectory_prompts))
 
 
 def _progress_text(text):
@@ -184,14 +194,17 @@ class Prepared:
     dtype: torch.dtype
     gradient_checkpointing: bool
     distill: dict = None    # the distillation objective's settings (None: the paper's objective)
+    layers: str = RECIPE_LAYERS  # which layers the pair adapts (glance_core.families.LAYERS)
 
 
 def prepare(model, image, positive, empty_prompt, output_name, steps, learning_rate, rank, alpha, caption_dropout,
             seed, training_dtype, resolution, phases, gradient_checkpointing, overwrite, export_diffusers,
-            image_index, objective=distill.FLOW, trajectories=8, distill_cfg=1.0, student_cfg=0.0):
+            image_index, objective=distill.FLOW, trajectories=8, distill_cfg=1.0, student_cfg=0.0,
+            layers=RECIPE_LAYERS, trajectory_prompts=distill.CAPTION):
     """Check every input and the output files, resolve the recipe and the schedule: nothing runs yet."""
     require_flow(model)
-    dist = _distill_settings(objective, trajectories, distill_cfg, student_cfg, seed, empty_prompt)
+    dist = _distill_settings(objective, trajectories, distill_cfg, student_cfg, seed, empty_prompt,
+                             trajectory_prompts)
     if phases not in PHASE_CHOICES:
         raise GlanceError(f"phases: choose one of {', '.join(PHASE_CHOICES)}")
     if training_dtype not in DTYPES:
@@ -225,27 +238,30 @@ def prepare(model, image, positive, empty_prompt, output_name, steps, learning_r
         sched = build_schedule("explicit", width, height, base_sigmas=base.tolist())
     else:
         sched = build_schedule(family, width, height)
-    targets = training_targets(model, name)
+    targets = training_targets(model, name, layers)
     if not targets:
-        raise GlanceError(f"model: found no attention layers to adapt in this {model_label(model)} model")
+        raise GlanceError(f"model: found no {'attention' if layers == RECIPE_LAYERS else layers} layers to adapt "
+                          f"in this {model_label(model)} model (layers: {layers})")
     if family is not None and family.train_guidance is not None:  # e.g. FLUX's recipe trains at guidance 1.0
         positive = node_helpers.conditioning_set_values(positive, {"guidance": family.train_guidance})
         if empty_prompt is not None:
             empty_prompt = node_helpers.conditioning_set_values(empty_prompt, {"guidance": family.train_guidance})
     return Prepared(family, rec, todo, output, sched, targets, img, width, height, positive, empty_prompt, seed,
-                    steps, DTYPES[training_dtype], gradient_checkpointing, dist)
+                    steps, DTYPES[training_dtype], gradient_checkpointing, dist, layers)
 
 
-def _distill_settings(objective, trajectories, distill_cfg, student_cfg, seed, empty_prompt):
+def _distill_settings(objective, trajectories, distill_cfg, student_cfg, seed, empty_prompt, prompts):
     """The distillation settings checked (errors name the input), or None for the paper's objective."""
-    student = distill.check_settings(objective, trajectories, distill_cfg, student_cfg)
+    student = distill.check_settings(objective, trajectories, distill_cfg, student_cfg, prompts=prompts)
     if student is None:
         return None
     if max(distill_cfg, student) != 1 and empty_prompt is None:
         raise GlanceError("empty_prompt: distill_cfg/student_cfg above 1 needs the empty prompt connected (the "
                           "negative of guidance)")
+    if prompts == distill.MIX and empty_prompt is None:
+        raise GlanceError(f"empty_prompt: trajectory_prompts {prompts!r} needs the empty prompt connected")
     return {"objective": objective, "seeds": distill.trajectory_seeds(seed, trajectories), "cfg": float(distill_cfg),
-            "student_cfg": student}
+            "student_cfg": student, "prompts": prompts}
 
 
 def _model_velocity(model_wrap, extra_args, dtype, adapter=None):
@@ -277,7 +293,8 @@ def make_trajectories(model_wrap, extra_args, x0, p):
         bar.update_absolute(done, total)
         _progress_text(f"base-model paths: step {done}/{total}")
     return distill.make_trajectories(_model_velocity(model_wrap, extra_args, p.dtype), tuple(x0.shape), d["seeds"],
-                                     base, sched.steps, d["cfg"], on_step=on_step, device=x0.device)
+                                     base, sched.steps, d["cfg"], on_step=on_step, device=x0.device,
+                                     prompts=d["prompts"])
 
 
 def train(model, vae, p):
@@ -362,7 +379,7 @@ def save(p, trained, losses, training_dtype):
     metas = {phase: pair_meta(phase, p.sched.family, p.sched, rec, [t[0] for t in p.targets], img_sha,
                               losses[phase], {"steps": p.steps, "seed": p.seed, "training_dtype": training_dtype,
                                               "size": [p.width, p.height], "hash_of": HASH_OF,
-                                              **_distill_meta(p)})
+                                              "layers": p.layers, **_distill_meta(p)})
              for phase in p.phases}
     written = p.output.write(modules, metas, p.targets[0][1])
     for path in written:
@@ -373,17 +390,18 @@ def _distill_meta(p):
     d = p.distill
     if d is None:
         return distill.meta(distill.FLOW)
-    return distill.meta(d["objective"], d["seeds"], d["cfg"], d["student_cfg"], p.sched.base_steps)
+    return distill.meta(d["objective"], d["seeds"], d["cfg"], d["student_cfg"], p.sched.base_steps, d["prompts"])
 
 
 def train_pair(model, vae, image, positive, empty_prompt, output_name, steps, learning_rate, rank, alpha,
                caption_dropout, seed, training_dtype, resolution, phases, gradient_checkpointing, overwrite,
                export_diffusers, image_index, objective=distill.FLOW, trajectories=8, distill_cfg=1.0,
-               student_cfg=0.0):
+               student_cfg=0.0, layers=RECIPE_LAYERS, trajectory_prompts=distill.CAPTION):
     """The node's work: prepare, train, save; returns (MODEL, slow path, fast path, loss-curve IMAGE)."""
     p = prepare(model, image, positive, empty_prompt, output_name, steps, learning_rate, rank, alpha,
                 caption_dropout, seed, training_dtype, resolution, phases, gradient_checkpointing, overwrite,
-                export_diffusers, image_index, objective, trajectories, distill_cfg, student_cfg)
+                export_diffusers, image_index, objective, trajectories, distill_cfg, student_cfg, layers,
+                trajectory_prompts)
     trained, losses = train(model, vae, p)
     # Everything trained: only now write files, so an interrupted or failed run leaves none.
     save(p, trained, losses, training_dtype)
@@ -391,7 +409,7 @@ def train_pair(model, vae, image, positive, empty_prompt, output_name, steps, le
     slow = trained.get("slow", (runtime.Adapter("slow"), None))[0]
     fast = trained.get("fast", (runtime.Adapter("fast"), None))[0]
     report = (f"trained {', '.join(p.phases)} on {p.width}x{p.height}, rank {rec.rank}, alpha {rec.alpha:g}, "
-              f"lr {rec.lr:g}, {p.steps} steps" + ("" if p.distill is None else
+              f"lr {rec.lr:g}, {p.steps} steps, layers: {p.layers}" + ("" if p.distill is None else
                                                    f", {p.distill['objective']} ({len(p.distill['seeds'])} paths "
                                                    f"at cfg {p.distill['cfg']:g})"))
     pair = GlancePair(slow, fast, sched.family, sched.settings, report,

@@ -10,7 +10,8 @@ import torch
 import torch.utils.checkpoint
 
 from ..glance_core import memory, runtime
-from ..glance_core.families import get_family
+from ..glance_core.errors import GlanceError
+from ..glance_core.families import RECIPE_LAYERS, get_family
 from ..glance_core.train import lora_pair_params
 from .pair import key_map_of, split_target
 
@@ -19,10 +20,14 @@ GENERIC = re.compile(r"(attn|attention)[^.]*\.(qkv|to_q|to_k|to_v|q_proj|k_proj|
                      r"proj)$")
 
 
-def training_targets(model, family):
-    """[(save name, namespace, weight key, offset, length)] of the layers a family's recipe adapts."""
+def training_targets(model, family, layers=RECIPE_LAYERS):
+    """[(save name, namespace, weight key, offset, length)] of the layers a pair adapts (`layers`: the family's
+    recipe or its timestep embedder; a model without a family has only the generic attention layers)."""
     out = []
-    pattern = None if family is None else get_family(family).target_pattern
+    if family is None and layers != RECIPE_LAYERS:
+        raise GlanceError(f"layers: {layers!r} needs a model of a known family (Qwen-Image, FLUX.1, SD3); this one "
+                          f"has none, so only {RECIPE_LAYERS!r} (its attention layers) can be trained")
+    pattern = None if family is None else get_family(family).layer_pattern(layers)
     if pattern is not None:
         for k, target in key_map_of(model).items():
             if k.startswith("transformer.") and pattern.search(k[len("transformer."):]):
@@ -65,10 +70,15 @@ def training_memory(patcher, targets, rank, tokens, compute_dtype, checkpointing
     """
     dm = patcher.model.diffusion_model
     shapes = [(comfy.utils.get_attr(patcher.model, key).shape, length) for _, _, key, _, length in targets]
-    width = min(shape[-1] for shape, _ in shapes)  # the attention layers read the model's width
     lora_params = sum(rank * (shape[-1] + (shape[0] if length is None else length)) for shape, length in shapes)
     size, loaded = patcher.model_size(), patcher.loaded_size()
     blocks = _blocks(dm)
+    # Activations scale with the model's width whichever layers are trained (the gradient of a timestep-embedder
+    # LoRA still flows back through every block): the narrowest linear of a block reads that width.
+    widths = [getattr(m.weight, "tensor_shape", m.weight.shape)[-1] for m in (blocks[0].modules() if blocks else ())
+              if isinstance(getattr(m, "weight", None), torch.Tensor)
+              and len(getattr(m.weight, "tensor_shape", m.weight.shape)) == 2]
+    width = min(widths) if widths else min(shape[-1] for shape, _ in shapes)
     compute_bytes = torch.tensor([], dtype=compute_dtype).element_size()
     # Weights stored in another dtype are cast per layer; GGUF tensors report their logical shape.
     cast = sum(math.prod(getattr(p, "tensor_shape", p.shape)) for p in blocks[0].parameters()

@@ -4,7 +4,7 @@ A new family is one module (a `Family` subclass instance named FAMILY) and one r
 """
 from ..errors import ScheduleError
 from . import explicit, flux, qwen_image, sd3
-from .base import DEFAULT_RECIPE, Family, check_size
+from .base import DEFAULT_RECIPE, LAYERS, RECIPE_LAYERS, TIMESTEP_LAYERS, Family, check_size
 
 # The registry: order is the order the nodes and help texts list them.
 REGISTRY = (
@@ -42,5 +42,5 @@ def for_pipeline(pipe):
     raise GlanceError(f"{name} is not supported; use one of {', '.join(f.pipeline for f in REGISTRY if f.pipeline)}")
 
 
-__all__ = ["DEFAULT_RECIPE", "FAMILIES", "Family", "REGISTRY", "check_size", "comfyui_families", "for_pipeline",
-           "get_family"]
+__all__ = ["DEFAULT_RECIPE", "FAMILIES", "LAYERS", "RECIPE_LAYERS", "TIMESTEP_LAYERS", "Family", "REGISTRY",
+           "check_size", "comfyui_families", "for_pipeline", "get_family"]

@@ -14,6 +14,14 @@ from ..errors import GlanceError, ScheduleError
 # The recipe of families without an official one (rank, alpha = 4 x rank, AdamW settings).
 DEFAULT_RECIPE = dict(rank=16, alpha=64.0, lr=5e-4, weight_decay=0.01, caption_dropout=0.0)
 
+# Which layers a pair adapts: the family's recipe (the paper's), or only the timestep embedder's two linears,
+# a function of sigma alone: it cannot learn the training caption, so what it learns carries to other prompts.
+RECIPE_LAYERS = "recipe (paper)"
+TIMESTEP_LAYERS = "timestep embedder"
+LAYERS = (RECIPE_LAYERS, TIMESTEP_LAYERS)
+# Qwen-Image, FLUX.1 and SD3 spell it alike in diffusers; ComfyUI's LoRA key maps know these names.
+TIMESTEP_PATTERN = re.compile(r"time_text_embed\.timestep_embedder\.linear_[12]$")
+
 
 @dataclass(frozen=True)
 class Family:
@@ -37,6 +45,7 @@ class Family:
     recipe: dict = field(default_factory=lambda: dict(DEFAULT_RECIPE))  # official training settings
     # The layers the recipe adapts, as diffusers spells module names (ComfyUI's key map knows the same names).
     target_pattern: re.Pattern = None
+    timestep_pattern: re.Pattern = TIMESTEP_PATTERN  # the timestep embedder's linears (diffusers names)
     # Layer names no other family has (kohya form: dots as underscores), for guessing a LoRA file's family.
     markers: tuple = ()
     comfy_config: str = None     # class name in comfy.supported_models (subclasses match too)
@@ -49,6 +58,15 @@ class Family:
     comfyui_names_are_diffusers: bool = False
     # Which generate() argument is this family's guidance scale, and what it means (for help texts).
     guidance_arg: str = "guidance_scale"
+
+    def layer_pattern(self, layers=RECIPE_LAYERS, name="layers"):
+        """The module-name pattern (diffusers names) of `layers`, one of LAYERS; errors name the input."""
+        if layers not in LAYERS:
+            raise GlanceError(f"{name}: {layers!r} is not one of {', '.join(map(repr, LAYERS))}")
+        pattern = self.target_pattern if layers == RECIPE_LAYERS else self.timestep_pattern
+        if pattern is None:
+            raise GlanceError(f"{name}: the {self.label} family names no {layers} layers")
+        return pattern
 
     @property
     def pixel_multiple(self):

@@ -48,12 +48,56 @@ def test_guided_velocity_and_seeds():
     (dict(cfg=float("nan")), "distill_cfg: nan"),
     (dict(cfg=0.5), "distill_cfg: 0.5"),
     (dict(student_cfg=float("inf")), "student_cfg: inf"),
+    (dict(prompts="both"), "trajectory_prompts: 'both'"),
 ])
 def test_bad_settings_are_named(kw, message):
-    args = dict(objective=distill.DISTILL, trajectories=4, cfg=3.0, student_cfg=None)
+    args = dict(objective=distill.DISTILL, trajectories=4, cfg=3.0, student_cfg=None, names=None,
+                prompts=distill.CAPTION)
     args.update(kw)
     with pytest.raises(GlanceError, match=message):
         distill.check_settings(*args.values())
+
+
+def test_mixed_paths_are_made_and_regressed_on_the_empty_prompt():
+    """MIX: every second path follows the unconditional velocity, and its training items predict it (no guidance)."""
+    grid = [1.0, 0.5, 0.0]
+    steps = build_schedule("flux", 256, 256).steps
+    calls = []
+
+    def vel(x, s, dropped):
+        calls.append(dropped)
+        return x * 0 + (1.0 if dropped else 2.0)
+    paths = distill.make_trajectories(vel, (1, 2), [0, 1, 2], grid, steps, 3.0, prompts=distill.MIX)
+    assert paths["empty"] == [False, True, False]
+    st, end = paths["states"], paths["sigmas"].index(0.0)
+    noise = [distill.seed_noise((1, 2), s) for s in (0, 1, 2)]
+    # guided on the caption: 1 + 3 (2 - 1) = 4 per unit sigma; on the empty prompt: 1
+    for n, speed in ((0, 4.0), (1, 1.0), (2, 4.0)):
+        torch.testing.assert_close(st[end, n:n + 1], noise[n] - speed)
+    loss = distill.distill_loss(paths, steps, "fast", vel, 3.0, seed=0)
+    seen = set()
+    for _ in range(40):
+        calls.clear()
+        value = loss(None, torch.zeros(1, 2), None, None, 0)
+        assert value.item() < 1e-10  # each item regresses its own path's velocity: exact here
+        seen.add(tuple(calls))
+    assert seen == {(False, True), (True,)}  # guided on caption paths, unconditional on the empty ones
+    assert distill.empty_flags(3) == [False, False, False]
+    assert distill.meta(distill.DISTILL, [0, 1], 3.0, 3.0, 50, distill.MIX)["trajectory_prompts"] == distill.MIX
+
+
+def test_layer_choices_name_the_timestep_embedder_of_each_family():
+    import tiny_pipelines
+    from glance_core.families import LAYERS, TIMESTEP_LAYERS
+    flux = tiny_pipelines.tiny_flux_transformer()
+    names = [n for n, m in flux.named_modules() if isinstance(m, torch.nn.Linear)
+             and get_family("flux").layer_pattern(TIMESTEP_LAYERS).search(n)]
+    assert names == ["time_text_embed.timestep_embedder.linear_1", "time_text_embed.timestep_embedder.linear_2"]
+    assert get_family("qwen-image").layer_pattern(LAYERS[0]) is get_family("qwen-image").target_pattern
+    with pytest.raises(GlanceError, match="layers: 'all' is not one of"):
+        get_family("sd3").layer_pattern("all")
+    with pytest.raises(GlanceError, match="--layers: the Explicit sigmas family names no timestep embedder"):
+        get_family("explicit").layer_pattern(TIMESTEP_LAYERS, name="--layers")
 
 
 def test_loss_trains_a_linear_student_onto_the_path():
@@ -107,7 +151,9 @@ def _glance_end(pipe, velocity, noise, sched, cfg, adapters):
     return x
 
 
-def test_diffusers_distilled_pair_lands_nearer_the_50_step_picture(tmp_path):
+@pytest.mark.parametrize("layers, prompts, lr", [("recipe (paper)", distill.CAPTION, 5e-3),
+                                                ("timestep embedder", distill.MIX, 2e-3)])
+def test_diffusers_distilled_pair_lands_nearer_the_50_step_picture(tmp_path, layers, prompts, lr):
     from test_diffusers_glance import SIZE, _embeds, _qwen_pipe
     from glance_core.diffusers_train import train_pair
     from glance_core.families import get_family
@@ -117,13 +163,20 @@ def test_diffusers_distilled_pair_lands_nearer_the_50_step_picture(tmp_path):
     seen = []
     paths = train_pair(pipe, image_latents=torch.zeros(1, 16, 1, SIZE // 8, SIZE // 8), prompt_embeds=pe,
                        prompt_embeds_mask=pm, empty_prompt_embeds=ee, empty_prompt_embeds_mask=em, steps=60, rank=4,
-                       learning_rate=5e-3, out_dir=tmp_path, name="dist", seed=5, objective=distill.DISTILL,
-                       trajectories=3, distill_cfg=2.0, on_trajectory=lambda i, n: seen.append((i, n)))
+                       learning_rate=lr, out_dir=tmp_path, name="dist", seed=5, objective=distill.DISTILL,
+                       trajectories=3, distill_cfg=2.0, on_trajectory=lambda i, n: seen.append((i, n)),
+                       layers=layers, trajectory_prompts=prompts)
     fam = get_family("qwen-image")
     sched = build_schedule(fam, SIZE, SIZE)
     assert seen[-1] == (3 * sched.base_steps, 3 * sched.base_steps) and len(seen) == 3 * sched.base_steps
     for phase, path in paths.items():
         g = read_lora(path).glance
+        assert g.extra["layers"] == layers and g.extra["trajectory_prompts"] == prompts
+        timestep = [t for t in g.target_modules if "timestep_embedder" in t]
+        if layers == "timestep embedder":
+            assert g.target_modules == timestep and len(timestep) == 2
+        else:
+            assert not timestep and len(g.target_modules) > 2
         assert g.extra["objective"] == distill.DISTILL and g.extra["trajectories"] == 3
         assert g.extra["trajectory_seeds"] == ["5", "6", "7"] and g.extra["distill_cfg"] == 2.0
         assert g.extra["student_cfg"] == 2.0 and g.extra["distill_base_steps"] == 50
@@ -164,17 +217,22 @@ def test_cli_trains_a_distilled_pair_and_names_bad_flags(tmp_path, capsys):
     common = ["train", "--model", flux_dir, "--image", str(tmp_path / "ref.png"), "--caption", "a red fox",
               "--steps", "2", "--rank", "4", "--resolution", "256", "--out-dir", str(tmp_path)]
     out = _cli(*common, "--name", "d", "--objective", "distill", "--trajectories", "2", "--distill-cfg", "2",
-               "--student-cfg", "1", "--seed", "9")
+               "--student-cfg", "1", "--seed", "9", "--layers", "timestep", "--trajectory-prompts", "mix")
     assert out.returncode == 0, out.stderr[-3000:]
     assert "Base-model paths" in out.stderr and "Glance training" in out.stderr
     for phase in ("slow", "fast"):
         g = read_lora(str(tmp_path / f"d_{phase}.safetensors")).glance
         assert g.extra["objective"] == distill.DISTILL and g.extra["trajectory_seeds"] == ["9", "10"]
         assert g.extra["distill_cfg"] == 2.0 and g.extra["student_cfg"] == 1.0
+        assert g.extra["trajectory_prompts"] == distill.MIX and g.extra["layers"] == "timestep embedder"
+        assert sorted(g.target_modules) == ["time_text_embed.timestep_embedder.linear_1",
+                                            "time_text_embed.timestep_embedder.linear_2"]
     for flags, msg in [(["--objective", "best"], "--objective 'best': choose one of flow, distill"),
                        (["--objective", "distill", "--trajectories", "0"], "--trajectories: 0 is out of range"),
                        (["--objective", "distill", "--distill-cfg", "nan"], "--distill-cfg: nan"),
-                       (["--objective", "distill", "--student-cfg", "-1"], "--student-cfg: -1")]:
+                       (["--objective", "distill", "--student-cfg", "-1"], "--student-cfg: -1"),
+                       (["--layers", "attn"], "--layers 'attn': choose one of recipe, timestep"),
+                       (["--trajectory-prompts", "x"], "--trajectory-prompts 'x': choose one of caption, mix")]:
         assert main([*common, "--name", "e", *flags]) == 2, flags  # checked before the pipeline loads
         err = capsys.readouterr().err
         assert msg in err, (flags, err)

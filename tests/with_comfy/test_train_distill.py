@@ -49,11 +49,44 @@ def test_distilled_pair_moves_10_steps_toward_50_and_records_its_data(env):  # n
     assert all(t < b for b, t in errs), errs
 
 
+@pytest.mark.parametrize("family", ["qwen-image", "flux"])
+def test_timestep_embedder_pair_from_mixed_paths_loads_back_and_moves_toward_50(env, family):  # noqa: F811
+    """layers "timestep embedder": only the two timestep linears are trained (ComfyUI names them differently per
+    family), every second path is on the empty prompt, and the pair loads back through the pair loader."""
+    model, slow_path, fast_path, _ = _train(env, family, f"stepemb_{family}", steps=30, seed=1, objective=DISTILL,
+                                            learning_rate=2e-3,
+                                            trajectories=2, distill_cfg=1.0, layers="timestep embedder",
+                                            trajectory_prompts="caption and empty prompt")
+    for path in (slow_path, fast_path):
+        lora = env.lora.read_lora(path)
+        g = lora.glance
+        assert sorted(g.target_modules) == ["time_text_embed.timestep_embedder.linear_1",
+                                            "time_text_embed.timestep_embedder.linear_2"]
+        assert g.extra["layers"] == "timestep embedder"
+        assert g.extra["trajectory_prompts"] == "caption and empty prompt"
+        assert sum(g.extra["losses"][-10:]) < sum(g.extra["losses"][:10]), g.extra["losses"]
+    from glance_pack.nodes.loader_node import load_pair
+    loras = os.path.dirname(_glance_dir())
+    loaded, report = load_pair(env.models[family], os.path.relpath(slow_path, loras),
+                               os.path.relpath(fast_path, loras), 1.0, 1.0, "as trained")
+    assert "2 modules" in report, report
+    ref = _base_50(env, family, 1)
+    bare = _sample(env, family, env.models[family], 1)
+    for m in (model, loaded):
+        tuned = _sample(env, family, m, 1)
+        assert ((tuned - ref) ** 2).mean() < ((bare - ref) ** 2).mean()
+
+
 def test_distill_inputs_are_checked_before_anything_runs(env):  # noqa: F811
     with pytest.raises(env.GlanceError, match="empty_prompt: distill_cfg"):
         _train(env, "flux", "nocfg", objective=DISTILL, distill_cfg=3.0, empty_prompt=None)
     with pytest.raises(env.GlanceError, match="objective: 'best'"):
         _train(env, "flux", "noobj", objective="best")
+    with pytest.raises(env.GlanceError, match="empty_prompt: trajectory_prompts"):
+        _train(env, "flux", "nomix", objective=DISTILL, trajectory_prompts="caption and empty prompt",
+               empty_prompt=None)
+    with pytest.raises(env.GlanceError, match="layers: 'all'"):
+        _train(env, "flux", "nolayers", layers="all")
     assert not glob.glob(os.path.join(_glance_dir(), "no*_*"))
 
 
