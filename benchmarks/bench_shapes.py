@@ -3,8 +3,9 @@
 A pair is trained on ONE sample (the teacher's 50-step picture of one caption and seed) with the paper's
 flow-matching objective, a second pair with the trajectory objective (the teacher's own 50-step path at
 the same sigmas), a third with glance_core.distill's objective (each Glance step lands on the teacher's
-50-step path; DISTILL_TRAJECTORIES guided paths of the one caption, no picture); then every variant renders the same held-out (caption, seed) pairs, none with the training
-caption. Writes a markdown table, the raw numbers (JSON) and two grids; about 4 minutes on 2 cores.
+50-step path; DISTILL_TRAJECTORIES paths of the one caption, no picture, only the timestep embedder
+adapted); then every variant renders the same held-out (caption, seed) pairs, none with the training
+caption. Writes a markdown table, the raw numbers (JSON) and two grids; about 10 minutes on 2 cores.
 
     python benchmarks/bench_shapes.py                                   # writes into docs/
     python benchmarks/bench_shapes.py --samples 2 --repeats 1 --out-dir /tmp/bench   # quick check
@@ -22,15 +23,17 @@ import torch
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(HERE, ".."))
 from glance_core.files import atomic_write, write_text  # noqa: E402
-from glance_shapes import (DEFAULT_CAPTION, DEFAULT_CFG, DISTILL_TRAJECTORIES, OBJECTIVES, data,  # noqa: E402
-                           teacher as teacher_mod)
+from glance_core import distill  # noqa: E402
+from glance_shapes import (DEFAULT_CAPTION, DEFAULT_CFG, DISTILL_LAYERS, DISTILL_LR, DISTILL_STEPS,  # noqa: E402
+                           DISTILL_TRAJECTORIES, OBJECTIVES, data, teacher as teacher_mod)
 from glance_shapes.compare import BASELINE, GLANCE_10, PLAIN_10, VARIANTS, measure  # noqa: E402
 from glance_shapes.demo import held_out  # noqa: E402
 from glance_shapes.glance import train_pair  # noqa: E402
 from glance_shapes.grid import comparison_grid  # noqa: E402
 
 
-def table(rows, train_seconds):
+def table(rows, train_seconds, steps=60, distill_steps=DISTILL_STEPS, trajectories=DISTILL_TRAJECTORIES,
+          prompts=""):
     head = ("| sampling | model calls | ms / image | speed-up vs 50 | PSNR to 50-step (dB) | MSE to 50-step | "
             "caption accuracy | shape | colour | position | background |")
     lines = [head, "|---|" + "---:|" * (head.count("|") - 2)]
@@ -42,8 +45,9 @@ def table(rows, train_seconds):
                      f"{mse} | {a['all']:.1%} | {a['shape']:.0%} | {a['colour']:.0%} | {a['position']:.0%} | "
                      f"{a['background']:.0%} |")
     lines.append("")
-    lines.append("Pair training (both LoRAs, 60 steps each, batch 1; distill includes making its "
-                 f"{DISTILL_TRAJECTORIES} guided 50-step paths): " + ", ".join(
+    lines.append(f"Pair training (both LoRAs, batch 1: {steps} steps each; distill {distill_steps} steps each on the "
+                 f"timestep embedder, lr {DISTILL_LR:g}, including making its {trajectories} 50-step paths"
+                 f"{prompts}): " + ", ".join(
                      f"{k} {v:.1f} s" for k, v in train_seconds.items()))
     return "\n".join(lines)
 
@@ -54,6 +58,10 @@ def main(argv=None):
     ap.add_argument("--caption", default=DEFAULT_CAPTION, help=f"training caption (default '{DEFAULT_CAPTION}')")
     ap.add_argument("--seed", type=int, default=0, help="training sample's seed (default 0)")
     ap.add_argument("--steps", type=int, default=60, help="training steps per LoRA (default 60)")
+    ap.add_argument("--distill-steps", type=int, default=DISTILL_STEPS,
+                    help=f"training steps per LoRA of the distilled pair (default {DISTILL_STEPS})")
+    ap.add_argument("--trajectories", type=int, default=DISTILL_TRAJECTORIES,
+                    help=f"50-step paths the distilled pair learns from (default {DISTILL_TRAJECTORIES})")
     ap.add_argument("--cfg", type=float, default=DEFAULT_CFG,
                     help=f"classifier-free guidance for every variant (default {DEFAULT_CFG:g}, the teacher's; "
                          "1: none); other values than the default add a _cfgN suffix to the output names")
@@ -62,8 +70,8 @@ def main(argv=None):
     ap.add_argument("--out-dir", default=os.path.join(HERE, "..", "docs"), help="where results go (default docs/)")
     a = ap.parse_args(argv)
     cap = data.parse_caption(a.caption)
-    if a.samples < 1 or a.repeats < 1 or a.steps < 1:
-        ap.error("--samples, --repeats and --steps must be at least 1")
+    if min(a.samples, a.repeats, a.steps, a.distill_steps, a.trajectories) < 1:
+        ap.error("--samples, --repeats, --steps, --distill-steps and --trajectories must be at least 1")
     if not 1.0 <= a.cfg <= 20.0:
         ap.error("--cfg must be in 1 .. 20")
     suffix = "" if a.cfg == DEFAULT_CFG else f"_cfg{a.cfg:g}"
@@ -71,7 +79,11 @@ def main(argv=None):
     pairs, seconds = {}, {}
     for objective in OBJECTIVES:  # the same caption and seed (distill: that seed's path is its first)
         t0 = time.perf_counter()
-        pairs[objective], _, sample = train_pair(model, cap, a.seed, objective=objective, steps=a.steps, cfg=a.cfg)
+        kw = dict(steps=a.steps)
+        if objective == "distill":  # the best distillation settings found (glance_shapes.DISTILL_*)
+            kw = dict(steps=a.distill_steps, lr=DISTILL_LR, layers=DISTILL_LAYERS, trajectories=a.trajectories,
+                      prompts=distill.MIX if a.cfg > 1 else distill.CAPTION)
+        pairs[objective], _, sample = train_pair(model, cap, a.seed, objective=objective, cfg=a.cfg, **kw)
         seconds[objective] = time.perf_counter() - t0
     captions, seeds = held_out(cap, a.seed, a.samples)
     assert cap not in captions
@@ -92,11 +104,13 @@ def main(argv=None):
     md = (f"Measured {when} with `{cmd.strip()}` on {platform.machine()}, {torch.get_num_threads()} torch threads, "
           f"torch {torch.__version__}; cfg {a.cfg:g}; training sample '{cap}' seed {a.seed}; {a.samples} held-out "
           f"(caption, seed) pairs; time = best of {a.repeats} renders of the whole batch, per image.\n\n"
-          + table(rows, seconds) + "\n")
+          + table(rows, seconds, a.steps, a.distill_steps, a.trajectories,
+                  ", every second on the empty prompt" if a.cfg > 1 else ", all on the caption") + "\n")
     result = {"date": when, "command": cmd.strip(), "caption": str(cap), "seed": a.seed, "samples": a.samples,
               "cfg": a.cfg,
               "held_out": [[str(c), s] for c, s in zip(captions, seeds)], "rows": rows,
-              "train_seconds": seconds}
+              "train_seconds": seconds, "distill": {"steps": a.distill_steps, "trajectories": a.trajectories,
+                                                    "lr": DISTILL_LR, "layers": DISTILL_LAYERS}}
     write_text(os.path.join(a.out_dir, f"shapes_benchmark{suffix}.md"), md)
     write_text(os.path.join(a.out_dir, f"shapes_benchmark{suffix}.json"), json.dumps(result, indent=2) + "\n")
     print(md)

@@ -31,8 +31,8 @@ VARIANTS = (
     Variant("fast LoRA only (consistent)", "glance", "flow-matching", ("fast",)),
     Variant("trajectory-target pair, 10 steps (consistent)", "glance", "trajectory"),
     Variant("trajectory-target pair, 10 steps (reference)", "glance-reference", "trajectory"),
-    Variant("distilled pair (50-step paths), 10 steps (consistent)", "glance", "distill"),
-    Variant("distilled fast LoRA only (consistent)", "glance", "distill", ("fast",)),
+    Variant("distilled pair (timestep embedder, 50-step paths), 10 steps (consistent)", "glance", "distill"),
+    Variant("distilled fast LoRA only (timestep embedder, consistent)", "glance", "distill", ("fast",)),
 )
 
 

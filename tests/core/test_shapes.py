@@ -173,7 +173,8 @@ def test_benchmark_on_two_samples(tmp_path):
         import bench_shapes
     finally:
         sys.path.pop(0)
-    res = bench_shapes.main(["--samples", "2", "--repeats", "1", "--steps", "2", "--out-dir", str(tmp_path)])
+    res = bench_shapes.main(["--samples", "2", "--repeats", "1", "--steps", "2", "--distill-steps", "2",
+                             "--trajectories", "2", "--out-dir", str(tmp_path)])
     rows = res["rows"]
     assert [r["label"] for r in rows] == [v.label for v in VARIANTS]
     assert res["cfg"] == DEFAULT_CFG != 1  # guided: two passes per step, counted as the paper does
