@@ -1,8 +1,9 @@
 """Plot of the distillation study: PSNR to the 50-step picture (dB) against the number of trajectories.
 
 Reads the study's runs (docs/distill_study.json, as written from benchmarks/distill_study.py's JSON lines) and
-draws one line per (trajectory cfg, sampling cfg, target) with the two baselines of each cfg as dashed lines
-and the goal (1 dB over the better baseline) dotted. PIL only (no matplotlib in the project's environment).
+draws one line per (cfg, adapted layers, paths of the caption or caption + empty prompt) of the off-policy runs
+sampled at their own cfg (the best run at each point), the two baselines of each cfg as dashed lines and the
+goal (1 dB over the better baseline) dotted. PIL only (no matplotlib in the project's environment).
 
     python benchmarks/distill_plot.py                      # docs/distill_study.json -> docs/distill_tradeoff.png
 """
@@ -19,6 +20,7 @@ sys.path.insert(0, os.path.join(HERE, ".."))
 from glance_core.files import atomic_write  # noqa: E402
 
 W, H, L, R, T, B = 980, 620, 80, 330, 50, 60   # canvas and plot margins (px)
+LAYER_LABELS = {"attn": "attention", "time": "timestep emb.", "ada": "adaLN"}
 COLOURS = [(31, 119, 180), (214, 39, 40), (44, 160, 44), (148, 103, 189), (255, 127, 14), (23, 190, 207)]
 
 
@@ -30,17 +32,21 @@ def _font(px):
 
 
 def series(study):
-    """{(cfg, sample_cfg, target): [(trajectories, psnr)]} of the default-weight runs, and the baseline lines."""
+    """{(cfg, layers, data): [(trajectories, psnr)]} of the off-policy velocity-loss runs from one caption sampled
+    at their own cfg (the rest are in the study's table), and the baseline lines per cfg."""
     out = {}
     for r in study["runs"]:
-        if r.get("weight", "velocity") != "velocity" or r.get("data", "one") != "one":
+        if (r.get("weight", "velocity") != "velocity" or r.get("data", "one") not in ("one", "mix")
+                or r["target"] != "path" or r["sample_cfg"] != r["cfg"]):
             continue
-        out.setdefault((r["cfg"], r["sample_cfg"], r["target"]), []).append((r["trajectories"], r["psnr"]))
+        key = (r["cfg"], LAYER_LABELS[r.get("modules", "attn")], r.get("data", "one"))
+        out.setdefault(key, {}).setdefault(r["trajectories"], []).append(r["psnr"])
     lines = {}
     for b in study["baselines"]:
         if b["sample_cfg"] == b["cfg"]:
             lines[b["cfg"]] = {"plain 10": b["plain10"][0], "Glance sched.": b["glance10"][0]}
-    return {k: sorted(v) for k, v in out.items()}, lines
+    # several runs at one point (other lr or steps): the best, as a user would pick
+    return {k: sorted((n, max(ps)) for n, ps in v.items()) for k, v in out.items() if len(v) > 1}, lines
 
 
 def draw(study, title):
@@ -67,14 +73,14 @@ def draw(study, title):
     d.text((18, (T + H - B) / 2), "dB", fill="black", font=f, anchor="mm")
     d.text((W / 2, 22), title, fill="black", font=f, anchor="mm")
     legend_y = T
-    for i, ((cfg, scfg, target), pts) in enumerate(sorted(data.items())):
+    for i, ((cfg, layers, source), pts) in enumerate(sorted(data.items())):
         c = COLOURS[i % len(COLOURS)]
         d.line([(px(n), py(p)) for n, p in pts], fill=c, width=3) if len(pts) > 1 else None
         for n, p in pts:
             d.ellipse([px(n) - 4, py(p) - 4, px(n) + 4, py(p) + 4], fill=c)
         d.line([W - R + 15, legend_y + 8, W - R + 40, legend_y + 8], fill=c, width=3)
-        d.text((W - R + 46, legend_y), f"paths cfg {cfg:g}, sampled cfg {scfg:g}, {target}", fill="black",
-               font=small)
+        d.text((W - R + 46, legend_y), f"cfg {cfg:g}, {layers}, " + ("caption + empty" if source == "mix"
+                                                                    else "caption"), fill="black", font=small)
         legend_y += 22
     for i, (cfg, lines) in enumerate(sorted(base.items())):
         c = (90, 90, 90) if i == 0 else (170, 120, 40)
