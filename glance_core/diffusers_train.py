@@ -147,7 +147,7 @@ def train_pair(pipe, *, image=None, image_latents=None, prompt=None, prompt_embe
         for p in params:
             p.requires_grad_(True)
         settings = TrainConfig(steps=steps, lr=rec.lr, weight_decay=rec.weight_decay, caption_dropout=dropout,
-                               seed=phase_seed(seed, k))
+                               seed=phase_seed(seed, k), lr_decay=distill.lr_decay(objective))
         loss = None if paths is None else distill.distill_loss(paths, sched.steps, phase, velocity, student,
                                                                  seed=phase_seed(seed, k))
         with torch.enable_grad():

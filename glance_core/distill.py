@@ -49,6 +49,14 @@ def check_settings(objective, trajectories, cfg, student_cfg, names=None, prompt
     return student
 
 
+def lr_decay(objective):
+    """The lr schedule of an objective's training: the paper's constant lr, or (distill) a cosine decay to 0.
+
+    A distillation step regresses one item of one path, so a constant lr leaves the pair wherever its last noisy
+    steps took it (on the bundled teacher 300 / 600 / 1000 / 3000 steps gave 35.0 / 32.4 / 35.2 / 29.8 dB)."""
+    return "cosine" if objective == DISTILL else "constant"
+
+
 def trajectory_seeds(seed, n):
     """Seeds of n trajectories: the given seed first (its noise is the one sampling with that seed uses)."""
     return [(int(seed) + i) % SEED_SPACE for i in range(n)]

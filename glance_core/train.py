@@ -28,6 +28,9 @@ class TrainConfig:
     grad_clip: float = 1.0
     caption_dropout: float = 0.0
     seed: int = 0
+    # "constant" (the paper's recipe) or "cosine": lr decays to 0 by the last step, so a run of one-item steps
+    # ends on an average rather than wherever its last noisy steps left it (what the distillation objective uses)
+    lr_decay: str = "constant"
     losses: list = field(default_factory=list)
 
 
@@ -77,6 +80,10 @@ def train_lora(velocity, params, x0, sigmas, settings, on_step=None, phase="lora
     loss_fn = loss or (lambda model, x0, noise, sigma, k: flow_matching_loss(model, x0, noise, sigma))
     gen = torch.Generator().manual_seed(settings.seed)
     opt = torch.optim.AdamW(params, lr=settings.lr, weight_decay=settings.weight_decay)
+    if settings.lr_decay not in ("constant", "cosine"):
+        raise TrainingError(f"{phase}: lr_decay {settings.lr_decay!r} is not 'constant' or 'cosine'")
+    decay = None if settings.lr_decay == "constant" else torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda i: 0.5 * (1 + math.cos(math.pi * min(i, settings.steps) / settings.steps)))
     sig = torch.tensor(sigmas, dtype=torch.float32)
     for i in range(settings.steps):
         k = torch.randint(len(sig), (1,), generator=gen)
@@ -97,6 +104,8 @@ def train_lora(velocity, params, x0, sigmas, settings, on_step=None, phase="lora
         if settings.grad_clip:
             torch.nn.utils.clip_grad_norm_(params, settings.grad_clip)
         opt.step()
+        if decay is not None:
+            decay.step()
         settings.losses.append(value)
         if on_step is not None:
             on_step(i, value)

@@ -84,7 +84,8 @@ def train_pair(teacher, caption, seed, objective="flow-matching", steps=60, rank
         if paths is not None:
             loss = distill.distill_loss(paths, sched.steps, phase, velocity, cfg, seed=phase_seed(seed, k))
         settings = TrainConfig(steps=steps, lr=lr or recipe["lr"], weight_decay=recipe["weight_decay"],
-                          seed=phase_seed(seed, k))
+                               seed=phase_seed(seed, k),
+                               lr_decay=distill.lr_decay(distill.DISTILL if paths is not None else None))
         with torch.enable_grad():
             losses[phase] = train_lora(velocity, adapter.parameters(), x0, sched.phase_sigmas(phase), settings,
                                        on_step=(lambda i, loss, phase=phase: on_step(phase, i, loss))

@@ -322,7 +322,8 @@ def train(model, vae, p):
                 for k, phase in enumerate(p.phases):
                     adapter, params = build_adapter(mp, p.targets, rec.rank, rec.alpha, phase, torch.float32, gen)
                     settings = TrainConfig(steps=p.steps, lr=rec.lr, weight_decay=rec.weight_decay,
-                                           caption_dropout=rec.caption_dropout, seed=phase_seed(p.seed, k))
+                                           caption_dropout=rec.caption_dropout, seed=phase_seed(p.seed, k),
+                                           lr_decay=distill.lr_decay(p.distill and p.distill["objective"]))
 
                     velocity = _model_velocity(model_wrap, extra_args, dtype, adapter)
                     loss = None if paths is None else distill.distill_loss(

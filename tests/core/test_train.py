@@ -100,3 +100,27 @@ def test_a_caller_supplied_loss_replaces_flow_matching():
         assert torch.allclose(lin(xs[1]), vs[1], atol=0.05)
     with pytest.raises(TrainingError, match="no sigmas"):
         train_lora(velocity, ad.parameters(), torch.zeros(1, 8), [], TrainConfig(steps=1), loss=loss)
+
+
+def test_cosine_decay_steps_the_lr_down_to_zero_and_only_when_asked():
+    """Each step moves a lone parameter by exactly lr (Adam normalises a steady gradient to about 1), so the
+    per-step moves read back the lr schedule: constant by default, cosine from lr to 0 when asked."""
+    def run(decay):
+        w = torch.zeros(1, requires_grad=True)
+        seen = []
+
+        def loss(model, x0, noise, sigma, k):
+            seen.append(w.detach().clone())
+            return (w - 100.0).pow(2).sum()
+        settings = TrainConfig(steps=5, lr=0.1, grad_clip=0, lr_decay=decay)
+        train_lora(lambda xt, s, d: xt, [w], torch.zeros(1), [0.5], settings, loss=loss)
+        seen.append(w.detach().clone())
+        return [(b - a).item() for a, b in zip(seen, seen[1:])]
+    constant, cosine = run("constant"), run("cosine")
+    assert constant == pytest.approx([0.1] * 5, rel=1e-3)
+    want = [0.1 * 0.5 * (1 + math.cos(math.pi * i / 5)) for i in range(5)]
+    assert cosine == pytest.approx(want, rel=1e-3) and cosine[-1] < 0.011
+    with pytest.raises(TrainingError, match="lr_decay 'linear'"):
+        run("linear")
+    from glance_core import distill
+    assert distill.lr_decay(distill.DISTILL) == "cosine" and distill.lr_decay(distill.FLOW) == "constant"
