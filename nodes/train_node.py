@@ -123,7 +123,7 @@ class GlanceTrainLoRAPair(io.ComfyNode):
                                tooltip="flow matching (paper): learn the image at each LoRA's sigmas. distill "
                                        "50-step path: each Glance step learns to land where this model's own "
                                        "50-step path is (paths it generates itself from the caption; the image "
-                                       "then only gives the size)."),
+                                       "then only gives the size; the learning rate decays to 0 along a cosine)."),
                 io.Int.Input("trajectories", default=8, min=1, max=distill.MAX_TRAJECTORIES, optional=True,
                              tooltip="distill: how many 50-step paths to generate (seeds seed, seed+1, ...; the "
                                      "first is the noise a sampler with this seed uses). Each costs one 50-step "
