@@ -33,7 +33,7 @@ from glance_shapes.grid import comparison_grid  # noqa: E402
 
 
 def table(rows, train_seconds, steps=60, distill_steps=DISTILL_STEPS, trajectories=DISTILL_TRAJECTORIES,
-          prompts=""):
+          prompts=distill.CAPTION):
     head = ("| sampling | model calls | ms / image | speed-up vs 50 | PSNR to 50-step (dB) | MSE to 50-step | "
             "caption accuracy | shape | colour | position | background |")
     lines = [head, "|---|" + "---:|" * (head.count("|") - 2)]
@@ -47,7 +47,8 @@ def table(rows, train_seconds, steps=60, distill_steps=DISTILL_STEPS, trajectori
     lines.append("")
     lines.append(f"Pair training (both LoRAs, batch 1: {steps} steps each; distill {distill_steps} steps each on the "
                  f"timestep embedder, lr {DISTILL_LR:g}, including making its {trajectories} 50-step paths"
-                 f"{prompts}): " + ", ".join(
+                 + (", every second on the empty prompt" if prompts == distill.MIX else ", all on the caption")
+                 + "): " + ", ".join(
                      f"{k} {v:.1f} s" for k, v in train_seconds.items()))
     return "\n".join(lines)
 
@@ -77,12 +78,14 @@ def main(argv=None):
     suffix = "" if a.cfg == DEFAULT_CFG else f"_cfg{a.cfg:g}"
     model = teacher_mod.load()
     pairs, seconds = {}, {}
+    # Under guidance every second path is on the empty prompt; unguided those would be pictures of nothing asked for.
+    prompts = distill.MIX if a.cfg > 1 else distill.CAPTION
     for objective in OBJECTIVES:  # the same caption and seed (distill: that seed's path is its first)
         t0 = time.perf_counter()
         kw = dict(steps=a.steps)
         if objective == "distill":  # the best distillation settings found (glance_shapes.DISTILL_*)
             kw = dict(steps=a.distill_steps, lr=DISTILL_LR, layers=DISTILL_LAYERS, trajectories=a.trajectories,
-                      prompts=distill.MIX if a.cfg > 1 else distill.CAPTION)
+                      prompts=prompts)
         pairs[objective], _, sample = train_pair(model, cap, a.seed, objective=objective, cfg=a.cfg, **kw)
         seconds[objective] = time.perf_counter() - t0
     captions, seeds = held_out(cap, a.seed, a.samples)
@@ -104,8 +107,7 @@ def main(argv=None):
     md = (f"Measured {when} with `{cmd.strip()}` on {platform.machine()}, {torch.get_num_threads()} torch threads, "
           f"torch {torch.__version__}; cfg {a.cfg:g}; training sample '{cap}' seed {a.seed}; {a.samples} held-out "
           f"(caption, seed) pairs; time = best of {a.repeats} renders of the whole batch, per image.\n\n"
-          + table(rows, seconds, a.steps, a.distill_steps, a.trajectories,
-                  ", every second on the empty prompt" if a.cfg > 1 else ", all on the caption") + "\n")
+          + table(rows, seconds, a.steps, a.distill_steps, a.trajectories, prompts) + "\n")
     result = {"date": when, "command": cmd.strip(), "caption": str(cap), "seed": a.seed, "samples": a.samples,
               "cfg": a.cfg,
               "held_out": [[str(c), s] for c, s in zip(captions, seeds)], "rows": rows,

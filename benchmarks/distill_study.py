@@ -35,6 +35,7 @@ from glance_core.integrate import sample_glance_euler  # noqa: E402
 from glance_shapes import DEFAULT_CAPTION, data, judge, teacher as teacher_mod  # noqa: E402
 from glance_shapes.compare import fidelity  # noqa: E402
 from glance_shapes.demo import held_out  # noqa: E402
+from glance_core.families import TIMESTEP_LAYERS  # noqa: E402
 from glance_shapes.glance import target_modules  # noqa: E402
 from glance_shapes.sampling import glance_schedule, noise_for, plain_steps  # noqa: E402
 from glance_core.train import lora_pair_params  # noqa: E402
@@ -84,22 +85,23 @@ def training_data(kind, n, caption, held):
     return cond, seeds
 
 
-MODULES = {  # which layers the pair adapts (`--modules`)
-    "attn": None,  # the SD3 recipe's attention projections (glance_shapes.glance.target_modules)
-    "time": re.compile(r"time_text_embed\.timestep_embedder\.linear_[12]$"),  # a function of sigma only
-    "ada": re.compile(r"(norm1|norm1_context|norm_out)\.linear$"),           # adaLN modulation
-}
+ADALN = re.compile(r"(norm1|norm1_context|norm_out)\.linear$")  # adaLN modulation (`--modules ada`)
 
 
 def adapted(teacher, which):
-    """[(name, Linear)] for a `--modules` value: names joined by + (attn+time)."""
+    """[(name, Linear)] for a `--modules` value: attn (the SD3 recipe's layers), time (the timestep embedder, as
+    the pack's layers "timestep embedder"), ada (adaLN modulation), or names joined by + (attn+time)."""
     out = []
     for w in which.split("+"):
-        if MODULES[w] is None:
+        if w == "attn":
             out += target_modules(teacher)
-        else:
+        elif w == "time":
+            out += target_modules(teacher, TIMESTEP_LAYERS)
+        elif w == "ada":
             out += [(n, m) for n, m in teacher.transformer.named_modules()
-                    if isinstance(m, torch.nn.Linear) and MODULES[w].search(n)]
+                    if isinstance(m, torch.nn.Linear) and ADALN.search(n)]
+        else:
+            raise SystemExit(f"--modules {which!r}: use attn, time, ada or names joined by +")
     return out
 
 

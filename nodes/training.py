@@ -62,6 +62,11 @@ def _blocks(diffusion_model):
             if isinstance(child, torch.nn.ModuleList) and name.endswith("blocks") for b in child]
 
 
+def _shape(t):
+    """A weight's logical shape (GGUF tensors store packed bytes and report it as tensor_shape)."""
+    return getattr(t, "tensor_shape", t.shape)
+
+
 def training_memory(patcher, targets, rank, tokens, compute_dtype, checkpointing, free_bytes):
     """The memory plan of one LoRA's training on `patcher` (a loaded ModelPatcher), as a TrainingMemory.
 
@@ -75,13 +80,13 @@ def training_memory(patcher, targets, rank, tokens, compute_dtype, checkpointing
     blocks = _blocks(dm)
     # Activations scale with the model's width whichever layers are trained (the gradient of a timestep-embedder
     # LoRA still flows back through every block): the narrowest linear of a block reads that width.
-    widths = [getattr(m.weight, "tensor_shape", m.weight.shape)[-1] for m in (blocks[0].modules() if blocks else ())
-              if isinstance(getattr(m, "weight", None), torch.Tensor)
-              and len(getattr(m.weight, "tensor_shape", m.weight.shape)) == 2]
+    block_shapes = [_shape(m.weight) for m in (blocks[0].modules() if blocks else ())
+                    if isinstance(getattr(m, "weight", None), torch.Tensor)]
+    widths = [shape[-1] for shape in block_shapes if len(shape) == 2]
     width = min(widths) if widths else min(shape[-1] for shape, _ in shapes)
     compute_bytes = torch.tensor([], dtype=compute_dtype).element_size()
-    # Weights stored in another dtype are cast per layer; GGUF tensors report their logical shape.
-    cast = sum(math.prod(getattr(p, "tensor_shape", p.shape)) for p in blocks[0].parameters()
+    # Weights stored in another dtype are cast per layer.
+    cast = sum(math.prod(_shape(p)) for p in blocks[0].parameters()
                if p.dtype != compute_dtype) * compute_bytes if blocks else 0
     return memory.plan_memory(size, loaded, lora_params, tokens, width, len(blocks), compute_bytes, checkpointing,
                               cast, free_bytes=math.inf if free_bytes is None else free_bytes)
