@@ -23,6 +23,7 @@ _ACTIVE = contextvars.ContextVar("glance_active_adapters", default=())
 _SLOT = "_glance_slot"   # module attribute: tuple of (adapter, module, Prepared or None) while bound
 _SUBCLASSES = {}         # original module class -> its branched subclass
 _ORIGINAL = {}           # branched subclass -> original class
+fuse = True  # fold branches into the layer's own product where its weights allow (False: always a separate branch)
 
 
 class Branch(NamedTuple):
@@ -111,6 +112,102 @@ def _prepare(branches, device, dtype):
     return Prepared(torch.cat(downs, 0) if len(downs) > 1 else downs[0], tuple(pieces))
 
 
+def own_weights(module, x):
+    """A torch Linear's (weight, bias) when they already have the input's dtype and device, else None."""
+    w, b = module.weight, module.bias
+    for t in (w,) if b is None else (w, b):
+        if type(t) not in (torch.nn.Parameter, torch.Tensor) or t.dtype != x.dtype or t.device != x.device:
+            return None
+    return w, b
+
+
+# (class test, weights(module, x) -> (weight, bias) or None): Linear classes whose forward is exactly
+# F.linear(x, weight, bias) with those tensors. Others (GGUF, fp8 scaled matmuls) keep the separate branch.
+_LINEARS = [(lambda cls: cls.forward is torch.nn.Linear.forward, own_weights)]
+
+
+def plain_linear(test, weights):
+    """Register, at import (before any pair runs), Linear classes for which `test(cls)` holds and whose forward
+    is F.linear(x, *weights(module, x)): `weights` returns the (weight, bias) that forward would use (cast to
+    the compute dtype, patches applied), or None where the module must run its own forward."""
+    _LINEARS.append((test, weights))
+
+
+def _weights_of(cls):
+    """The `weights` function registered for a Linear class, or None."""
+    if issubclass(cls, torch.nn.Linear):
+        for test, weights in reversed(_LINEARS):
+            if test(cls):
+                return weights
+    return None
+
+
+def _define_addmm_():
+    """torch.ops.glance.addmm_(c, a, b): c += a @ b in place, as an op inductor keeps in place (a traced
+    Tensor.addmm_ becomes a copy of c and an out-of-place addmm: two extra passes over c). None before torch 2.4."""
+    try:
+        return torch.ops.glance.addmm_  # defined already (the pack imported under a second name)
+    except (AttributeError, RuntimeError):
+        pass
+    if not hasattr(torch.library, "custom_op"):
+        return None
+
+    @torch.library.custom_op("glance::addmm_", mutates_args=("c",))
+    def addmm_(c: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
+        c.addmm_(a, b)
+    return torch.ops.glance.addmm_
+
+
+_ADDMM_ = _define_addmm_()
+
+
+def _addmm_(c, a, b):
+    """c += a @ b in place, in eager runs and in compiled graphs."""
+    if _ADDMM_ is not None and torch.compiler.is_compiling():
+        _ADDMM_(c, a, b)
+    else:
+        c.addmm_(a, b)
+
+
+def _fused(slot, module, x, weight, bias):
+    """F.linear(x, weight, bias) plus every branch in `slot`, without a separate pass over the output.
+
+    `weight` is the module's own stored tensor, or a fresh copy its cast just made (fp8, offloaded or patched
+    weights). When the layer sees many tokens, updating a weight copy moves fewer bytes than touching the
+    output: the delta is added to the copy in the compute dtype (one rounding, as ComfyUI's bf16 merge; the
+    stored weights are never written), making one first if the cast did not (2 or 4 weight-sized passes
+    against N (in + out) elements). Otherwise the branches are computed first and the base product is
+    accumulated onto them by the GEMM itself (beta=1): the output is written once by the small rank-r GEMM
+    and read inside the large one, not read and written again after it."""
+    x2 = x.reshape(-1, x.shape[-1])
+    (n, k), width = x2.shape, weight.shape[0]
+    own = weight is module.weight
+    if n * (k + width) > (4 if own else 2) * k * width:
+        if own:
+            weight = weight.clone()
+        for adapter, _, entry in slot:
+            if not torch.compiler.is_compiling():
+                adapter.applied += 1
+            for p in entry.pieces:
+                _addmm_(weight[p.offset:p.offset + p.length], p.up, entry.down[p.r0:p.r1])
+        return torch.nn.functional.linear(x, weight, bias)
+    out = None
+    for adapter, _, entry in slot:
+        if not torch.compiler.is_compiling():
+            adapter.applied += 1
+        z = x2 @ entry.down.t()
+        for p in entry.pieces:
+            if out is None and p.offset == 0 and p.length == width:  # the usual case: one branch, whole output
+                out = torch.addmm(bias, z[:, p.r0:p.r1], p.up.t()) if bias is not None \
+                    else z[:, p.r0:p.r1] @ p.up.t()
+                continue
+            if out is None:
+                out = bias.expand(n, width).clone() if bias is not None else x2.new_zeros(n, width)
+            _addmm_(out[:, p.offset:p.offset + p.length], z[:, p.r0:p.r1], p.up.t())
+    _addmm_(out, x2, weight.t())
+    return out.view(*x.shape[:-1], width)
+
+
 def _apply(slot, x, out):
     """`out` with the branches of every adapter in `slot` added (in place when no grad is needed)."""
     for adapter, module, entry in slot:
@@ -136,9 +233,18 @@ def _branched(cls):
     """The subclass of `cls` that adds the bound branches to every output."""
     sub = _SUBCLASSES.get(cls)
     if sub is None:
+        weights_of = _weights_of(cls)
+
         def forward(self, *args, **kwargs):
             x = args[0] if args else next(iter(kwargs.values()))  # a linear layer's one input
-            return _apply(getattr(self, _SLOT), x, cls.forward(self, *args, **kwargs))
+            slot = getattr(self, _SLOT)
+            if fuse and weights_of is not None and len(args) + len(kwargs) == 1 and x.dim() >= 2 \
+                    and not torch.is_grad_enabled() and all(e is not None and e.down.dtype == x.dtype
+                                                            and e.down.device == x.device for _, _, e in slot):
+                wb = weights_of(self, x)
+                if wb is not None and wb[0].dtype == x.dtype and wb[0].device == x.device:
+                    return _fused(slot, self, x, *wb)
+            return _apply(slot, x, cls.forward(self, *args, **kwargs))
         sub = type(cls.__name__, (cls,), {"forward": forward, "__module__": cls.__module__,
                                            "__qualname__": f"{cls.__qualname__}[glance]"})
         _SUBCLASSES[cls], _ORIGINAL[sub] = sub, cls

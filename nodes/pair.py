@@ -8,6 +8,7 @@ generations, and stock LoRAs, CFGNorm and ModelSampling patches stack as usual.
 import logging
 
 import comfy.lora
+import comfy.ops
 import comfy.patcher_extension
 import comfy.utils
 
@@ -23,6 +24,23 @@ BOUNDARY_OPTION = "glance_boundary"  # transformer_options key: the sampler's ex
 # How each naming namespace of glance_core spells a module in ComfyUI's LoRA key map.
 KEY_PREFIXES = {"comfyui": ("diffusion_model.",), "kohya": ("lora_unet_",),
                 "diffusers": ("transformer.", "", "base_model.model.", "diffusion_model.")}
+
+# ComfyUI's Linear ops compute F.linear(x, weight, bias) on the tensors `cast_bias_weight` returns (the stored
+# ones when already in the compute dtype on the device, else a cast copy with lowvram patches applied): the
+# branches can be folded into that product. Classes that change either method (fp8 scaled matmuls, GGUF
+# dequantizing, mixed-precision ops) keep the separate branch.
+_COMFY_LINEAR = comfy.ops.disable_weight_init.Linear
+
+
+def _comfy_weights(module, x):
+    if module.comfy_cast_weights or module.weight_function or module.bias_function:
+        return comfy.ops.cast_bias_weight(module, x)[:2]
+    return runtime.own_weights(module, x)
+
+
+runtime.plain_linear(lambda cls: cls.forward is _COMFY_LINEAR.forward
+                     and cls.forward_comfy_cast_weights is _COMFY_LINEAR.forward_comfy_cast_weights,
+                     _comfy_weights)
 
 
 def key_map_of(model):

@@ -117,6 +117,20 @@ def _stock(gp, model, family, files, under=None):
     return x
 
 
+@pytest.fixture
+def folded(monkeypatch, pack):
+    """Spy on the runtime's folded path: one entry per layer call, True when it used the stored weight
+    itself, False when the layer's cast copy (which then takes the delta, or the product onto the branch)."""
+    from glance_pack.glance_core import runtime
+    calls, real = [], runtime._fused
+
+    def spy(slot, module, x, weight, bias):
+        calls.append(weight is module.weight)
+        return real(slot, module, x, weight, bias)
+    monkeypatch.setattr(runtime, "_fused", spy)
+    return calls
+
+
 def _rel(a, b, effect):
     """Largest difference of a and b, as a fraction of the pair's largest effect on the result."""
     return float((a.float() - b.float()).abs().max() / effect)
@@ -125,7 +139,7 @@ def _rel(a, b, effect):
 # ---------------------------------------------------------------------------------------------------------- fp8
 
 @pytest.mark.parametrize("family", ["qwen-image", "flux"])
-def test_fp8_checkpoint_equals_exact_where_a_stock_merge_does_not(gp, family):
+def test_fp8_checkpoint_equals_exact_where_a_stock_merge_does_not(gp, family, folded):
     weights = real_formats.checkpoint(family)
     fp8, dequantised = real_formats.fp8_model(family, weights)
     files = _pair_files(family, weights)
@@ -137,6 +151,7 @@ def test_fp8_checkpoint_equals_exact_where_a_stock_merge_does_not(gp, family):
 
     ours, _ = _glance(gp, fp8, family, files)
     torch.testing.assert_close(ours, exact, rtol=1e-4, atol=1e-4)  # the pair's whole effect, exactly
+    assert folded and not any(folded)  # every adapted layer folded the pair into its cast copy, never the fp8
     # The fp8 weights are untouched by the pair (still the checkpoint's).
     assert all(torch.equal(v.float().cpu(), dequantised[k]) for k, v in fp8.model.diffusion_model.state_dict().items())
 
@@ -189,7 +204,7 @@ def test_gguf_model_through_comfyui_gguf_equals_exact(gp, comfyui_gguf, tiny_det
 
 @pytest.mark.parametrize("family,weights,stacked", [("qwen-image", "fp32", False), ("qwen-image", "fp32", True),
                                                     ("qwen-image", "fp8", False), ("flux", "fp8", False)])
-def test_partial_loading_equals_exact(gp, lowvram, family, weights, stacked):
+def test_partial_loading_equals_exact(gp, lowvram, family, weights, stacked, folded):
     """Offloaded layers run through comfy_cast_weights (and, stacked, a stock LoRA's LowVramPatch); the pair's
     branches still add the exact delta. (A stock LoRA on fp8 weights is not exact by itself: see above.)"""
     import comfy.model_management as mm
@@ -217,3 +232,5 @@ def test_partial_loading_equals_exact(gp, lowvram, family, weights, stacked):
     if stacked:  # the stock LoRA reaches the offloaded layers as LowVramPatch weight functions
         assert all(any(type(f).__name__ == "LowVramPatch" for f in m.weight_function) for m in adapted & offloaded)
     torch.testing.assert_close(ours, exact, rtol=1e-4, atol=1e-4)
+    # Folded everywhere: into the stored float32 weights' product, or into the copy a cast or patch made.
+    assert folded and all(folded) == (weights == "fp32" and not stacked)
