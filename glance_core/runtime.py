@@ -9,9 +9,12 @@ when the block ends the module gets its own class back. So:
   branch code has no graph break (no context variable, no hook, no counter inside the traced code);
 - the branch tensors sit on a per-module slot read as graph inputs: Slow and Fast swap tensors, not code,
   so a compiled graph is reused across steps, phases and generations without recompiling.
-Nothing is merged, so the base weights stay bit-exact and the branch is applied exactly in any weight
-format (fp8 with manual cast, GGUF, layers ComfyUI offloads), and stock LoRAs merged into the weights
-stack underneath. The slots are per module, not per thread: one model call at a time per model.
+Nothing is merged into the stored weights, so they stay bit-exact, the branch is applied exactly in any
+weight format (fp8 with manual cast, GGUF, layers ComfyUI offloads), and stock LoRAs merged into the weights
+stack underneath. Where a layer's forward is a plain F.linear on weights in the compute dtype (its own, or
+the copy its cast makes: see `plain_linear`), the branch is folded into that product instead of being added
+to the output afterwards (`_fused`), which saves a pass over the output; other layers (GGUF) and training
+keep the separate branch. The slots are per module, not per thread: one model call at a time per model.
 """
 import contextlib
 import contextvars
