@@ -11,6 +11,7 @@ import comfy.lora
 import comfy.ops
 import comfy.patcher_extension
 import comfy.utils
+import torch
 
 from ..glance_core import runtime
 from ..glance_core.errors import GlanceError, LoraFileError
@@ -33,14 +34,41 @@ _COMFY_LINEAR = comfy.ops.disable_weight_init.Linear
 
 
 def _comfy_weights(module, x):
+    """The (weight, bias) a ComfyUI Linear op's forward would multiply x with, or None (see runtime.plain_linear)."""
     if module.comfy_cast_weights or module.weight_function or module.bias_function:
         return comfy.ops.cast_bias_weight(module, x)[:2]
     return runtime.own_weights(module, x)
 
 
-runtime.plain_linear(lambda cls: cls.forward is _COMFY_LINEAR.forward
-                     and cls.forward_comfy_cast_weights is _COMFY_LINEAR.forward_comfy_cast_weights,
-                     _comfy_weights)
+def _comfy_linear_is_plain():
+    """Import-time check that this ComfyUI's Linear ops (plain and manual-cast) still compute exactly
+    F.linear(x, *cast_bias_weight(...)) and that a cast returns a fresh copy: a ComfyUI that changes either gets
+    separate branches, not a wrong fold."""
+    try:
+        g = torch.Generator().manual_seed(0)
+        x = torch.randn(3, 4, generator=g)
+        for cls, dtype in ((_COMFY_LINEAR, torch.float32), (comfy.ops.manual_cast.Linear, torch.float16)):
+            m = cls(4, 5, dtype=dtype)  # ComfyUI's ops skip initialisation: set the tensors
+            with torch.no_grad():
+                m.weight.copy_(torch.randn(5, 4, generator=g))
+                m.bias.copy_(torch.randn(5, generator=g))
+                first = _comfy_weights(m, x)
+                if not torch.equal(m(x), torch.nn.functional.linear(x, *first)):
+                    return False
+        # A cast copy takes the pair's delta in place: it must be a fresh tensor on every call, never a cache.
+        return first[0].data_ptr() != _comfy_weights(m, x)[0].data_ptr()
+    except Exception as e:  # any API change: keep the separate branch
+        log.warning("Glance: ComfyUI's Linear ops could not be checked (%s); the pair's branches run separately", e)
+        return False
+
+
+if _comfy_linear_is_plain():
+    runtime.plain_linear(lambda cls: cls.forward is _COMFY_LINEAR.forward
+                         and cls.forward_comfy_cast_weights is _COMFY_LINEAR.forward_comfy_cast_weights,
+                         _comfy_weights)
+else:
+    log.warning("Glance: this ComfyUI's Linear ops do not compute F.linear on their cast weights; the pair's "
+                "branches run separately from the layers' products (exact, a few percent slower)")
 
 
 def key_map_of(model):

@@ -236,3 +236,16 @@ def test_partial_loading_equals_exact(gp, lowvram, family, weights, stacked, fol
     # a stock LoRA's patch, or offloaded weights brought from the CPU to a GPU).
     copies = weights == "fp8" or stacked or mm.get_torch_device().type != "cpu"
     assert folded and all(folded) != copies
+
+
+def test_which_comfy_layers_fold(pack, comfyui_gguf):
+    """ComfyUI's plain and manual-cast Linear fold the pair into their product (checked at import against this
+    ComfyUI); fp8 scaled matmuls and ComfyUI-GGUF's dequantizing layers keep the separate branch."""
+    import comfy.ops
+    from glance_pack.glance_core import runtime
+    from glance_pack.nodes import pair
+    assert pair._comfy_linear_is_plain()
+    for cls in (comfy.ops.disable_weight_init.Linear, comfy.ops.manual_cast.Linear):
+        assert runtime._weights_of(cls) is pair._comfy_weights
+    for cls in (comfy.ops.fp8_ops.Linear, comfyui_gguf.ops.GGMLOps.Linear):
+        assert runtime._weights_of(cls) is None
