@@ -116,8 +116,11 @@ def _prepare(branches, device, dtype):
 
 
 def own_weights(module, x):
-    """A torch Linear's (weight, bias) when they already have the input's dtype and device, else None."""
-    w, b = module.weight, module.bias
+    """A torch Linear's own stored (weight, bias) when they already have the input's dtype and device, else None
+    (also when they are computed on access, as under torch.nn.utils.parametrize: no stored tensor to use)."""
+    w, b = module._parameters.get("weight"), module._parameters.get("bias")
+    if w is None or (b is None and module.bias is not None):
+        return None
     for t in (w,) if b is None else (w, b):
         if type(t) not in (torch.nn.Parameter, torch.Tensor) or t.dtype != x.dtype or t.device != x.device:
             return None
@@ -158,6 +161,10 @@ def _define_addmm_():
     @torch.library.custom_op("glance::addmm_", mutates_args=("c",))
     def addmm_(c: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
         c.addmm_(a, b)
+
+    @addmm_.register_fake
+    def _(c, a, b):
+        return None
     return torch.ops.glance.addmm_
 
 
@@ -184,7 +191,7 @@ def _fused(slot, module, x, weight, bias):
     and read inside the large one, not read and written again after it."""
     x2 = x.reshape(-1, x.shape[-1])
     (n, k), width = x2.shape, weight.shape[0]
-    own = weight is module.weight
+    own = weight is module._parameters.get("weight")  # else a fresh copy made by the layer's cast
     if n * (k + width) > (4 if own else 2) * k * width:
         if own:
             weight = weight.clone()
@@ -232,6 +239,14 @@ def _apply(slot, x, out):
     return out
 
 
+def _autocast(device_type):
+    """Whether autocast is on for this device type (then products change dtype: the fold stays out)."""
+    try:
+        return torch.is_autocast_enabled(device_type)
+    except TypeError:  # torch < 2.4
+        return torch.is_autocast_enabled() or torch.is_autocast_cpu_enabled()
+
+
 def _branched(cls):
     """The subclass of `cls` that adds the bound branches to every output."""
     sub = _SUBCLASSES.get(cls)
@@ -242,8 +257,9 @@ def _branched(cls):
             x = args[0] if args else next(iter(kwargs.values()))  # a linear layer's one input
             slot = getattr(self, _SLOT)
             if fuse and weights_of is not None and len(args) + len(kwargs) == 1 and x.dim() >= 2 \
-                    and not torch.is_grad_enabled() and all(e is not None and e.down.dtype == x.dtype
-                                                            and e.down.device == x.device for _, _, e in slot):
+                    and not torch.is_grad_enabled() and not _autocast(x.device.type) \
+                    and all(e is not None and e.down.dtype == x.dtype and e.down.device == x.device
+                            for _, _, e in slot):
                 wb = weights_of(self, x)
                 if wb is not None and wb[0].dtype == x.dtype and wb[0].device == x.device:
                     return _fused(slot, self, x, *wb)

@@ -47,16 +47,21 @@ def _comfy_linear_is_plain():
     try:
         g = torch.Generator().manual_seed(0)
         x = torch.randn(3, 4, generator=g)
-        for cls, dtype in ((_COMFY_LINEAR, torch.float32), (comfy.ops.manual_cast.Linear, torch.float16)):
+        fresh = []
+        for cls, dtype, patch in ((_COMFY_LINEAR, torch.float32, False), (_COMFY_LINEAR, torch.float32, True),
+                                  (comfy.ops.manual_cast.Linear, torch.float16, False)):
             m = cls(4, 5, dtype=dtype)  # ComfyUI's ops skip initialisation: set the tensors
+            if patch:  # a lowvram patch (here the identity): the cast must hand back a copy, not the weight
+                m.weight_function = [lambda w: w]
             with torch.no_grad():
                 m.weight.copy_(torch.randn(5, 4, generator=g))
                 m.bias.copy_(torch.randn(5, generator=g))
                 first = _comfy_weights(m, x)
                 if not torch.equal(m(x), torch.nn.functional.linear(x, *first)):
                     return False
-        # A cast copy takes the pair's delta in place: it must be a fresh tensor on every call, never a cache.
-        return first[0].data_ptr() != _comfy_weights(m, x)[0].data_ptr()
+                if dtype != x.dtype or patch:  # a cast copy takes the pair's delta in place: fresh on every call
+                    fresh.append(first[0].data_ptr() not in (m.weight.data_ptr(), _comfy_weights(m, x)[0].data_ptr()))
+        return all(fresh)
     except Exception as e:  # any API change: keep the separate branch
         log.warning("Glance: ComfyUI's Linear ops could not be checked (%s); the pair's branches run separately", e)
         return False

@@ -229,3 +229,31 @@ def test_folded_branches_compile_in_place_without_breaks(monkeypatch, cast, toke
     torch.testing.assert_close(got.double(), _reference(lin, x, ad), rtol=1e-5, atol=1e-5)
     assert sum(counters["graph_break"].values()) == 0
     assert seen == [accumulated]  # traced once, through the in-place op
+
+
+def test_autocast_and_parametrized_weights_keep_the_separate_branch(monkeypatch):
+    """Under autocast the products change dtype (the fold would mix them); a parametrized weight is computed on
+    access, so there is no stored tensor to fold into (and its original must never take the delta)."""
+    from torch.nn.utils import parametrize
+
+    class Same(torch.nn.Module):
+        def forward(self, w):
+            return w
+
+    torch.manual_seed(7)
+    lin, par = torch.nn.Linear(16, 24), torch.nn.Linear(16, 24)
+    parametrize.register_parametrization(par, "weight", Same())
+    original = par.parametrizations.weight.original.detach().clone()
+    ad = runtime.Adapter("s")
+    for m in (lin, par):
+        ad.add(m, torch.randn(4, 16), torch.randn(24, 4), 0.7)
+    calls = _spy_fused(monkeypatch)
+    for tokens in (3, 64):
+        x = torch.randn(tokens, 16)
+        with torch.inference_mode(), runtime.active(ad, device=x.device, dtype=x.dtype):
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                got = lin(x)
+            assert got.dtype == torch.bfloat16
+            torch.testing.assert_close(got.double(), _reference(lin, x, ad), rtol=2e-2, atol=1e-1)  # bf16
+            torch.testing.assert_close(par(x).double(), _reference(par, x, ad), rtol=1e-5, atol=1e-5)
+    assert calls == [] and torch.equal(par.parametrizations.weight.original, original)
