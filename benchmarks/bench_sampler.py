@@ -73,8 +73,10 @@ class PeakCUDA:
         self.peak = torch.cuda.max_memory_allocated()
 
 
-def start_comfy(device):
-    """Start ComfyUI in this process on `device` (tests/comfy_runtime starts it with --cpu)."""
+def start_comfy(device, for_compile=False):
+    """Start ComfyUI in this process on `device` (tests/comfy_runtime starts it with --cpu). Compiled on a CPU,
+    with PyTorch's attention (--use-pytorch-cross-attention, as on a GPU): ComfyUI's CPU default, sub-quadratic
+    attention, asks psutil for free memory in every call, a graph break and a recompile whenever it changes."""
     path, where = comfy_runtime.find_comfyui()
     if path is None:
         raise SystemExit(f"{where}: {comfy_runtime.HOW_TO}")
@@ -82,6 +84,8 @@ def start_comfy(device):
         sys.path.insert(0, path)
     from comfy.cli_args import args
     args.cpu = device == "cpu"
+    if for_compile and device == "cpu":
+        args.use_pytorch_cross_attention = True
     import utils.install_util  # noqa: F401  (before `nodes` shadows ComfyUI's utils package)
     import comfy.model_management as mm  # device state is decided here, from args.cpu
     comfy_runtime.start(tempfile.mkdtemp(prefix="glance_bench_"))  # folders; already-imported devices stay
@@ -401,13 +405,14 @@ def main():
         args.interleave = want != "cuda"
     if args.generations is None:
         args.generations = 0 if want == "cuda" else 10
-    mm = start_comfy(want)
+    mm = start_comfy(want, args.compile)
     device = mm.get_torch_device()
     pack = comfy_runtime.load_pack()  # registers glance_pack.*
     import comfy.utils
     comfy.utils.PROGRESS_BAR_ENABLED = False
+    import comfy.ldm.modules.attention as attention
     log(f"device {device}, weights {formats}, {args.layers} layer(s), {args.size} px, CFG {args.cfg}, "
-        f"compile {args.compile}, torch {torch.__version__}")
+        f"compile {args.compile}, torch {torch.__version__}, attention {attention.optimized_attention.__name__}")
 
     loras = comfy_runtime.loras_dir()
     t = time.perf_counter()
