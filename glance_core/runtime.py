@@ -191,20 +191,19 @@ def _fused(slot, module, x, weight, bias):
     and read inside the large one, not read and written again after it."""
     x2 = x.reshape(-1, x.shape[-1])
     (n, k), width = x2.shape, weight.shape[0]
+    if not torch.compiler.is_compiling():  # a Python counter inside a graph would recompile every call
+        for adapter, _, _ in slot:
+            adapter.applied += 1
     own = weight is module._parameters.get("weight")  # else a fresh copy made by the layer's cast
     if n * (k + width) > (4 if own else 2) * k * width:
         if own:
             weight = weight.clone()
-        for adapter, _, entry in slot:
-            if not torch.compiler.is_compiling():
-                adapter.applied += 1
+        for _, _, entry in slot:
             for p in entry.pieces:
                 _addmm_(weight[p.offset:p.offset + p.length], p.up, entry.down[p.r0:p.r1])
         return torch.nn.functional.linear(x, weight, bias)
     out = None
-    for adapter, _, entry in slot:
-        if not torch.compiler.is_compiling():
-            adapter.applied += 1
+    for _, _, entry in slot:
         z = x2 @ entry.down.t()
         for p in entry.pieces:
             if out is None and p.offset == 0 and p.length == width:  # the usual case: one branch, whole output
