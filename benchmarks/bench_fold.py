@@ -3,7 +3,8 @@
 Side by side in one process, eager and compiled (inductor), on CPU or GPU: the layers alone ("base"), with the
 branch added after each layer's own product ("separate", runtime.fuse = False), folded into the product
 ("folded", the pack's mechanism). bf16 weights, and fp8 weights cast to bf16 each call as ComfyUI's
-manual-cast layers do. Times are medians of --iters calls.
+manual-cast layers do. The variants take turns call by call (so a drift in the machine's speed reaches them
+alike); times are medians of --iters calls, ratios the medians of each call's time over the base call beside it.
 
 On the H100 (2026-11-27, docs/gpu/bench_fold_h100.log) a further compiled variant was measured and rejected:
 building the merged weight copy as one inductor-fused reduction (W + sum_r up[:, r] down[r, :], 2 weight
@@ -63,18 +64,25 @@ def block(layers, x, h):
     return [layers[n](x) for n in ("to_q", "to_k", "to_v", "to_out", "mlp_in")] + [layers["mlp_out"](h)]
 
 
-def timeit(fn, iters, device):
+def interleaved(fns, iters, device):
+    """Per variant: the median call time, and the median of its per-iteration ratio to the first variant.
+    Every iteration calls each variant once in turn (in reversed order every other iteration), so a drift in
+    the machine's speed reaches all variants alike."""
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    for _ in range(2):
-        fn()
-    times = []
-    for _ in range(iters):
-        sync()
-        t = time.perf_counter()
-        fn()
-        sync()
-        times.append(time.perf_counter() - t)
-    return statistics.median(times)
+    for fn in fns.values():
+        for _ in range(2):
+            fn()
+    times = {name: [] for name in fns}
+    for i in range(iters):
+        for name in (list(fns) if i % 2 == 0 else list(fns)[::-1]):
+            sync()
+            t = time.perf_counter()
+            fns[name]()
+            sync()
+            times[name].append(time.perf_counter() - t)
+    first = next(iter(fns))
+    return {name: (statistics.median(ts), statistics.median(a / b for a, b in zip(ts, times[first])))
+            for name, ts in times.items()}
 
 
 def main():
@@ -98,26 +106,32 @@ def main():
         variants = [("base", None, True), ("separate", ad, False), ("folded", ad, True)]
         modes = [("eager", False)] + ([] if args.no_compile else [("compiled", True)])
         for mode, comp in modes:
+            torch._dynamo.reset()
+            fns = {}
             for name, adapter, fuse in variants:
-                runtime.fuse = fuse
-                torch._dynamo.reset()
+                # Dynamo guards on runtime.fuse and on the layers' (branched) classes: the three variants keep
+                # a compiled graph each, side by side.
                 fn = torch.compile(block, fullgraph=True) if comp else block
 
-                def call():
+                def call(fn=fn, adapter=adapter, fuse=fuse):
+                    runtime.fuse = fuse
                     with runtime.active(*(() if adapter is None else (adapter,)), device=device, dtype=compute):
                         return fn(layers, x, h)
-                with torch.inference_mode():
-                    t = timeit(call, args.iters, device)
-                rows.append({"format": fmt, "mode": mode, "variant": name, "ms": t * 1e3})
-                print(f"{fmt:8} {mode:8} {name:20} {t * 1e3:8.3f} ms", flush=True)
+                fns[name] = call
+            with torch.inference_mode():
+                res = interleaved(fns, args.iters, device)
+            for name, (t, ratio) in res.items():
+                rows.append({"format": fmt, "mode": mode, "variant": name, "ms": t * 1e3, "ratio": ratio})
+                print(f"{fmt:8} {mode:8} {name:20} {t * 1e3:8.3f} ms  x{ratio:.4f} of base (paired)", flush=True)
         runtime.fuse = True
     print(f"\nSix image-stream layers of one Qwen-Image block, {args.tokens} tokens, rank {RANK}, "
           f"{torch.cuda.get_device_name(device) if device.type == 'cuda' else 'CPU'}; branch cost = variant - base")
-    print("| weights | mode | variant | ms | branch cost ms |\n|---|---|---|---:|---:|")
+    print("| weights | mode | variant | ms | branch cost ms | paired ratio to base |\n|---|---|---|---:|---:|---:|")
     for r in rows:
         base = next(b["ms"] for b in rows if b["format"] == r["format"] and b["mode"] == r["mode"]
                     and b["variant"] == "base")
-        print(f"| {r['format']} | {r['mode']} | {r['variant']} | {r['ms']:.3f} | {r['ms'] - base:+.3f} |")
+        print(f"| {r['format']} | {r['mode']} | {r['variant']} | {r['ms']:.3f} | {r['ms'] - base:+.3f} "
+              f"| {r['ratio']:.4f} |")
     if args.json:
         with open(args.json, "w") as fh:
             json.dump({"args": vars(args), "rows": rows}, fh, indent=2)

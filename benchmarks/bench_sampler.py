@@ -93,6 +93,27 @@ def start_comfy(device, for_compile=False):
     return mm
 
 
+def setup(args, want, formats):
+    """Start ComfyUI on `want` with the pack loaded, and write the rank-`args.rank` bench pair into its loras
+    folder: (device, loras folder, pack)."""
+    mm = start_comfy(want, args.compile)
+    device = mm.get_torch_device()
+    pack = comfy_runtime.load_pack()  # registers glance_pack.*
+    import comfy.utils
+    comfy.utils.PROGRESS_BAR_ENABLED = False
+    import comfy.ldm.modules.attention as attention
+    log(f"device {device}, weights {formats}, {args.layers} layer(s), {args.size} px, CFG {args.cfg}, "
+        f"compile {args.compile}, torch {torch.__version__}, attention {attention.optimized_attention.__name__}")
+
+    loras = comfy_runtime.loras_dir()
+    t = time.perf_counter()
+    for phase, seed in (("slow", 1), ("fast", 2)):
+        lf.write(os.path.join(loras, f"bench_{phase}.safetensors"),
+                 lf.official_qwen_tensors(blocks=args.layers, rank=args.rank, dim=DIM, mlp=MLP, mod=MOD, seed=seed))
+    log(f"wrote the rank-{args.rank} pair in {time.perf_counter() - t:.1f} s")
+    return device, loras, pack
+
+
 def build_qwen(layers, weights, device, seed=0):
     """ComfyUI's Qwen-Image at real width with `layers` blocks, random weights made on `device` in `weights`."""
     import comfy.model_management as mm
@@ -170,19 +191,20 @@ def consecutive_generations(n, glance, cuda):
             "memory_growth_MiB": (mem[-1] - mem[0]) / 2**20}
 
 
-def bench_format(args, weights, device, loras, pack):
-    import comfy.model_management as mm
+def prepare(args, weights, device, loras):
+    """The base model (compiled with --compile), its Glance clone with the bench pair, its stock clone with the
+    slow LoRA merged (ComfyUI's LoraLoader path), the Glance loader's report, and the runs: name -> callable
+    returning the sampled latent (base10, glance10, glance10_separate, merged10, base50)."""
     import comfy.sample
     import comfy.samplers
     import comfy.sd
     import comfy.utils
+    from glance_pack.glance_core import runtime
     from glance_pack.glance_core.families import get_family
     from glance_pack.glance_core.schedule import build_schedule
     from glance_pack.nodes.loader_node import load_pair
-    from glance_pack.nodes.pair import pair_of
     from glance_pack.nodes.sampler_node import GlanceSampler
 
-    cuda = device.type == "cuda"
     t = time.perf_counter()
     base = build_qwen(args.layers, weights, device)
     params = sum(p.numel() for p in base.model.diffusion_model.parameters())
@@ -214,6 +236,26 @@ def bench_format(args, weights, device, loras, pack):
                                      seed=0, cfg=args.cfg, sampler_name="euler", mode="consistent", family="auto",
                                      base_steps=50, slow_steps=5, slow_stride=2, fast_steps=5).result[0]["samples"]
 
+    def separate():  # the pack's previous mechanism: every branch added after the layer's own forward
+        runtime.fuse = False
+        try:
+            return glance()
+        finally:
+            runtime.fuse = True
+
+    runs = {"base10": lambda: stock(base, sig10), "glance10": glance, "glance10_separate": separate,
+            "merged10": lambda: stock(stock_model, sig10), "base50": lambda: stock(base, sig50)}
+    return (base, glance_model, stock_model, report, params), runs
+
+
+def bench_format(args, weights, device, loras, pack):
+    import comfy.model_management as mm
+    from glance_pack.nodes.pair import pair_of
+
+    cuda = device.type == "cuda"
+    (base, glance_model, stock_model, report, params), every = prepare(args, weights, device, loras)
+    glance = every["glance10"]
+
     def timed(label, fn):
         gc.collect()
         with (PeakCUDA() if cuda else PeakRSS()) as mem:
@@ -238,37 +280,34 @@ def bench_format(args, weights, device, loras, pack):
         log(f"  {label}: {dt:.2f} s")
         return dt
 
-    def separate():  # the pack's previous mechanism: every branch added after the layer's own forward
-        from glance_pack.glance_core import runtime
-        runtime.fuse = False
-        try:
-            return glance()
-        finally:
-            runtime.fuse = True
-
-    runs = {"base10": lambda: stock(base, sig10), "glance10": glance}
+    runs = {"base10": every["base10"], "glance10": glance}
     if args.separate:
-        runs["glance10_separate"] = separate
-    merged = lambda: stock(stock_model, sig10)  # noqa: E731
+        runs["glance10_separate"] = every["glance10_separate"]
+    merged = every["merged10"]
     res = {"weights": weights, "params_B": params / 1e9, "rounds": [], "interleaved": args.interleave}
     res["load_base_s"] = load(base, "load base model")
     log("warm-up (base 10, Glance 10; compiles here with --compile)")
     for name, fn in runs.items():
         timed(f"warm-up {name}", fn)
-    if args.interleave:  # switching is cheap here: every round runs all three, against drifting machine load
+    if args.interleave:  # switching is cheap here: every round runs all of them, against drifting machine load
         load(stock_model, "stock: load the LoRA-merged clone")
         timed("warm-up stock merged 10", merged)
+        load(base, "stock: back to the unmerged model")
+        # Glance and merged run back to back, in reversed order every other round (Glance, merged, base, ...
+        # then ..., base, merged, Glance), so a drift in the machine's speed reaches both alike.
+        order = ["glance10", "merged10", "base10"] + [n for n in runs if n not in ("glance10", "base10")]
         for r in range(args.rounds):
-            rnd = {name: timed(f"round {r + 1} {name}", fn) for name, fn in runs.items()}
-            res["switch_to_merged_s"] = load(stock_model, "stock: load the LoRA-merged clone")
-            rnd["merged10"] = timed(f"round {r + 1} merged10", merged)
-            res["switch_back_s"] = load(base, "stock: back to the unmerged model")
+            rnd = {}
+            for name in order if r % 2 == 0 else order[::-1]:
+                if name == "merged10":  # the switches are timed on their own, outside the run
+                    res["switch_to_merged_s"] = load(stock_model, "stock: load the LoRA-merged clone")
+                    rnd[name] = timed(f"round {r + 1} merged10", merged)
+                    res["switch_back_s"] = load(base, "stock: back to the unmerged model")
+                else:
+                    rnd[name] = timed(f"round {r + 1} {name}", runs[name])
             res["rounds"].append(rnd)
-    else:
-        for r in range(args.rounds):
-            res["rounds"].append({name: timed(f"round {r + 1} {name}", fn) for name, fn in runs.items()})
     if not args.skip_base50:
-        res["base50"] = timed("base 50 steps", lambda: stock(base, sig50))
+        res["base50"] = timed("base 50 steps", every["base50"])
     if args.generations:
         res["generations"] = consecutive_generations(args.generations, glance, cuda)
         log(f"  {args.generations} consecutive Glance generations: {res['generations']}")
@@ -291,6 +330,8 @@ def bench_format(args, weights, device, loras, pack):
     res["median_s"], res["peak_bytes"] = med, peak
     res["glance_vs_merged10"] = med["glance10"] / med["merged10"]
     res["per_round_glance_vs_merged10"] = [r["glance10"][0] / r["merged10"][0] for r in res["rounds"]]
+    res["paired_glance_vs_merged10"] = paired(res["rounds"], "glance10", "merged10")
+    res["paired_glance_vs_base10"] = paired(res["rounds"], "glance10", "base10")
     # Process CPU time (all threads): on a shared CPU machine it leaves out the time other tenants took.
     res["median_cpu_s"] = {k: statistics.median(r[k][2] for r in res["rounds"]) for k in keys}
     res["glance_vs_merged10_cpu"] = res["median_cpu_s"]["glance10"] / res["median_cpu_s"]["merged10"]
@@ -317,6 +358,22 @@ def bench_format(args, weights, device, loras, pack):
     return res
 
 
+# Two-sided 95 % Student t quantiles by degrees of freedom (beyond 30: the normal 1.96).
+_T95 = [12.71, 4.30, 3.18, 2.78, 2.57, 2.45, 2.36, 2.31, 2.26, 2.23, 2.20, 2.18, 2.16, 2.14, 2.13, 2.12, 2.11,
+        2.10, 2.09, 2.09, 2.08, 2.07, 2.07, 2.06, 2.06, 2.06, 2.05, 2.05, 2.05, 2.04]
+
+
+def paired(rounds, a, b):
+    """Per-round time ratio a/b: mean, its 95 % confidence interval (t) and median, over the rounds."""
+    ratios = [r[a][0] / r[b][0] for r in rounds]
+    mean = statistics.fmean(ratios)
+    if len(ratios) < 2:
+        return {"mean": mean, "ci95": [mean, mean], "median": mean, "n": len(ratios)}
+    t = _T95[len(ratios) - 2] if len(ratios) - 1 <= len(_T95) else 1.96
+    half = t * statistics.stdev(ratios) / len(ratios) ** 0.5
+    return {"mean": mean, "ci95": [mean - half, mean + half], "median": statistics.median(ratios), "n": len(ratios)}
+
+
 def print_table(args, device, results):
     cols = [r["weights"] for r in results]
     mem = "GPU memory" if device.type == "cuda" else "RSS"
@@ -335,6 +392,10 @@ def print_table(args, device, results):
             (f"peak {mem}: merged 10", lambda r: f"{r['peak_bytes']['merged10'] / 2**30:.2f} GiB"),
             ("Glance 10 / merged 10 (target <= 1.03 eager, 1.02 compiled)",
              lambda r: f"{r['glance_vs_merged10']:.3f}x"),
+            ("Glance 10 / merged 10, per-round pairs: mean [95 % interval] over n rounds",
+             lambda r: "{mean:.3f}x [{ci95[0]:.3f}, {ci95[1]:.3f}] n={n}".format(**r["paired_glance_vs_merged10"])),
+            ("Glance 10 / base 10, per-round pairs: mean [95 % interval]",
+             lambda r: "{mean:.3f}x [{ci95[0]:.3f}, {ci95[1]:.3f}]".format(**r["paired_glance_vs_base10"])),
             ("Glance 10 / merged 10, process CPU time (CPU runs: other tenants left out)",
              lambda r: f"{r['glance_vs_merged10_cpu']:.3f}x" if device.type == "cpu" else "-"),
             ("Glance 10 / base 10", lambda r: f"{r['glance_vs_base10']:.3f}x"),
@@ -405,21 +466,7 @@ def main():
         args.interleave = want != "cuda"
     if args.generations is None:
         args.generations = 0 if want == "cuda" else 10
-    mm = start_comfy(want, args.compile)
-    device = mm.get_torch_device()
-    pack = comfy_runtime.load_pack()  # registers glance_pack.*
-    import comfy.utils
-    comfy.utils.PROGRESS_BAR_ENABLED = False
-    import comfy.ldm.modules.attention as attention
-    log(f"device {device}, weights {formats}, {args.layers} layer(s), {args.size} px, CFG {args.cfg}, "
-        f"compile {args.compile}, torch {torch.__version__}, attention {attention.optimized_attention.__name__}")
-
-    loras = comfy_runtime.loras_dir()
-    t = time.perf_counter()
-    for phase, seed in (("slow", 1), ("fast", 2)):
-        lf.write(os.path.join(loras, f"bench_{phase}.safetensors"),
-                 lf.official_qwen_tensors(blocks=args.layers, rank=args.rank, dim=DIM, mlp=MLP, mod=MOD, seed=seed))
-    log(f"wrote the rank-{args.rank} pair in {time.perf_counter() - t:.1f} s")
+    device, loras, pack = setup(args, want, formats)
     results = []
     for weights in formats:
         results.append(bench_format(args, weights, device, loras, pack))
