@@ -16,6 +16,7 @@ import gc
 import json
 import multiprocessing
 import os
+import queue as queues
 import statistics
 import sys
 import time
@@ -77,10 +78,10 @@ def child(i, role, baton, args, queue):
             waited[0] += baton.pass_on(i)
             return out
         comfy.model_base.BaseModel.apply_model = in_turns
-        times, cpus, calls = [], [], []
+        times, cpus = [], []
         for g in range(args.generations + 1):  # the first is the warm-up (compiles with --compile)
             gc.collect()
-            waited[0], n0 = 0.0, len(calls)
+            waited[0] = 0.0
             t0, c0 = time.perf_counter(), time.process_time()
             runs[role]()
             sync()
@@ -133,7 +134,7 @@ def main():
         try:
             r = queue.get(timeout=1.0)
             results[r["role"]] = r
-        except Exception:  # queue.Empty: keep watching the processes
+        except queues.Empty:  # keep watching the processes
             pass
     for p in procs:
         p.join()

@@ -306,6 +306,9 @@ def bench_format(args, weights, device, loras, pack):
                 else:
                     rnd[name] = timed(f"round {r + 1} {name}", runs[name])
             res["rounds"].append(rnd)
+    else:
+        for r in range(args.rounds):
+            res["rounds"].append({name: timed(f"round {r + 1} {name}", fn) for name, fn in runs.items()})
     if not args.skip_base50:
         res["base50"] = timed("base 50 steps", every["base50"])
     if args.generations:
