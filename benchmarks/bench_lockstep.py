@@ -8,8 +8,13 @@ computes at any time, and the k-th model calls of all runs lie seconds apart. A 
 wall time less the time it waited for the baton. Ratios are taken generation by generation; the table gives
 their mean and 95 % interval.
 
+--threads runs them in one process instead, one thread each, so no run gains or loses from the process it landed
+in (in separate processes merged 10 and base 10, the same work, differed by up to 4 %). Glance and base then run
+on one model's weights, stock merged on a second model built alike (the merge rewrites the weights it runs on).
+
     python benchmarks/bench_lockstep.py --layers 1 --size 256 --generations 16            # CPU, eager
     python benchmarks/bench_lockstep.py --layers 1 --size 256 --generations 12 --compile  # compiled
+    python benchmarks/bench_lockstep.py --threads --compile --generations 16               # one process
 """
 import argparse
 import gc
@@ -19,6 +24,7 @@ import os
 import queue as queues
 import statistics
 import sys
+import threading
 import time
 
 import torch
@@ -28,11 +34,12 @@ import bench_sampler as bs  # noqa: E402
 
 
 class Baton:
-    """Turn-taking among k processes: one semaphore each; a finished process passes its turn on for good."""
+    """Turn-taking among k processes (or threads: ctx = threading): one semaphore each; a finished one passes
+    its turn on for good."""
 
     def __init__(self, ctx, k):
         self.sems = [ctx.Semaphore(0) for _ in range(k)]
-        self.done = ctx.Array("b", k)
+        self.done = ctx.Array("b", k) if hasattr(ctx, "Array") else [0] * k
 
     def _next(self, i):
         k = len(self.sems)
@@ -69,31 +76,99 @@ def child(i, role, baton, args, queue):
         import comfy.model_management as mm
         mm.load_models_gpu([stock_model if role == "merged10" else base], force_full_load=True)
         sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-        waited = [0.0]
-        apply_model = comfy.model_base.BaseModel.apply_model
+        meter = Meter(baton, i, sync)
+        comfy.model_base.BaseModel.apply_model = meter.wrap(comfy.model_base.BaseModel.apply_model, lambda: meter)
+        queue.put(meter.time(role, runs[role], args.generations))
+    finally:
+        baton.leave(i)
 
+
+class Meter:
+    """One run's clock: the time each of its model calls took, and the time it waited for its turn (wall and
+    process CPU seconds: in --threads mode the process CPU time meanwhile is the other runs' work)."""
+
+    def __init__(self, baton, i, sync):
+        self.baton, self.i, self.sync = baton, i, sync
+        self.wall = self.cpu = 0.0
+        self.calls = []
+
+    @staticmethod
+    def wrap(apply_model, meter_here):
+        """BaseModel.apply_model timed, then passing the turn on (meter_here(): the calling run's Meter)."""
         def in_turns(self, *a, **k):
+            m = meter_here()
+            t = time.perf_counter()
             out = apply_model(self, *a, **k)
-            sync()
-            waited[0] += baton.pass_on(i)
+            m.sync()
+            m.calls.append(time.perf_counter() - t)
+            t, c = time.perf_counter(), time.process_time()
+            m.baton.pass_on(m.i)
+            m.wall += time.perf_counter() - t
+            m.cpu += time.process_time() - c
             return out
-        comfy.model_base.BaseModel.apply_model = in_turns
-        times, cpus = [], []
-        for g in range(args.generations + 1):  # the first is the warm-up (compiles with --compile)
+        return in_turns
+
+    def time(self, role, run, generations):
+        """Run `run` for `generations` generations after one warm-up: {role, times, cpu, calls} (each generation's
+        wall and process CPU seconds less the waits, and the seconds of every model call, generation by
+        generation)."""
+        times, cpus, calls = [], [], []
+        for g in range(generations + 1):  # the first is the warm-up (compiles with --compile)
             gc.collect()
-            waited[0] = 0.0
+            self.wall = self.cpu = 0.0
+            self.calls = []
             t0, c0 = time.perf_counter(), time.process_time()
-            runs[role]()
-            sync()
-            dt, cpu = time.perf_counter() - t0 - waited[0], time.process_time() - c0
+            run()
+            self.sync()
+            dt, cpu = time.perf_counter() - t0 - self.wall, time.process_time() - c0 - self.cpu
             bs.log(f"  {role} generation {g}{' (warm-up)' if g == 0 else ''}: {dt:.2f} s "
-                   f"(waited {waited[0]:.1f} s), process CPU {cpu:.2f} s")
+                   f"(waited {self.wall:.1f} s), process CPU {cpu:.2f} s, {len(self.calls)} model calls")
             if g:
                 times.append(dt)
                 cpus.append(cpu)
-        queue.put({"role": role, "times": times, "cpu": cpus})
-    finally:
-        baton.leave(i)
+                calls.append(self.calls)
+        return {"role": role, "times": times, "cpu": cpus, "calls": calls}
+
+
+def in_threads(args, roles):
+    """All runs in this process, one thread each, taking turns model call by model call: {role: times}.
+
+    Glance, base (and separate) run on one model; stock merged on a second one built alike, since loading it
+    rewrites the weights it runs on."""
+    device, loras, _ = bs.setup(args, "cpu" if args.device == "cpu" else "cuda", [args.weights])
+    _, runs = bs.prepare(args, args.weights, device, loras)
+    _, runs_b = bs.prepare(args, args.weights, device, loras)  # its own weights for the stock merge
+    runs["merged10"] = runs_b["merged10"]
+    import comfy.model_base
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    baton, mine = Baton(threading, len(roles)), threading.local()
+    apply_model = comfy.model_base.BaseModel.apply_model
+    comfy.model_base.BaseModel.apply_model = Meter.wrap(apply_model, lambda: mine.meter)
+    results, errors = {}, []
+
+    def thread(i, role):
+        mine.meter = Meter(baton, i, sync)
+        baton.take(i)
+        try:
+            with torch.inference_mode():  # thread-local, as bench_sampler.py runs
+                results[role] = mine.meter.time(role, runs[role], args.generations)
+        except BaseException as e:  # noqa: BLE001  (reported below, naming the run)
+            errors.append((role, e))
+        finally:
+            baton.leave(i)
+    threads = [threading.Thread(target=thread, args=(i, role), name=role, daemon=True)
+               for i, role in enumerate(roles)]
+    for t in threads:
+        t.start()
+    bs.log(f"{len(roles)} threads in lockstep in one process: {', '.join(roles)}")
+    baton.sems[0].release()
+    for t in threads:
+        t.join()
+    comfy.model_base.BaseModel.apply_model = apply_model
+    if errors:
+        role, e = errors[0]
+        raise SystemExit(f"run {role} failed: {type(e).__name__}: {e}") from e
+    return results
 
 
 def main():
@@ -109,6 +184,9 @@ def main():
     ap.add_argument("--compile", action="store_true", help="every model through ComfyUI's torch.compile wrapper")
     ap.add_argument("--separate", action="store_true",
                     help="also run the separate-branch mechanism (runtime.fuse = False) in its own process")
+    ap.add_argument("--threads", action="store_true",
+                    help="all runs in this one process, one thread each (Glance and base on one model's weights, "
+                         "stock merged on a second model built alike)")
     ap.add_argument("--json", help="write the results here")
     args = ap.parse_args()
     if args.generations < 2:
@@ -116,6 +194,16 @@ def main():
     if args.device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("--device cuda: no CUDA device visible to torch")
     roles = ["glance10", "merged10", "base10"] + (["glance10_separate"] if args.separate else [])
+    if args.threads:
+        with torch.inference_mode():
+            results = in_threads(args, roles)
+    else:
+        results = in_processes(args, roles)
+    report(args, roles, results)
+
+
+def in_processes(args, roles):
+    """Every run in a process of its own, taking turns model call by model call: {role: times}."""
     ctx = multiprocessing.get_context("spawn")
     baton, queue = Baton(ctx, len(roles)), ctx.Queue()
     procs = [ctx.Process(target=child, args=(i, role, baton, args, queue), name=role)
@@ -138,23 +226,40 @@ def main():
             pass
     for p in procs:
         p.join()
+    return results
 
+
+def report(args, roles, results):
+    """Print the paired ratios (and write them with --json)."""
     n = args.generations
     rounds = [{role: (results[role]["times"][g],) for role in roles} for g in range(n)]
     cpu_rounds = [{role: (results[role]["cpu"][g],) for role in roles} for g in range(n)]
     pairs = [("glance10", "merged10"), ("glance10", "base10"), ("merged10", "base10")]
     pairs += [("glance10_separate", "merged10")] if args.separate else []
     table = {f"{a}/{b}": {"wall": bs.paired(rounds, a, b), "cpu": bs.paired(cpu_rounds, a, b)} for a, b in pairs}
+    # Model call by model call: the k-th calls of the runs ran one right after the other (seconds apart, not
+    # a whole generation), so their ratios see the least of the machine's drift.
+    counts = {len(c) for role in roles for c in results[role]["calls"]}
+    if len(counts) == 1:
+        per_gen = counts.pop()
+        call_rounds = [{role: (results[role]["calls"][g][k],) for role in roles}
+                       for g in range(n) for k in range(per_gen)]
+        for a, b in pairs:
+            table[f"{a}/{b}"]["calls"] = bs.paired(call_rounds, a, b)
     where = torch.cuda.get_device_name(0) if args.device == "cuda" else f"CPU {torch.get_num_threads()} threads"
     print(f"\nLockstep: Qwen-Image {args.layers} block(s) at real width, {args.size}x{args.size}, CFG {args.cfg}, "
           f"euler, rank-{args.rank} pair, {args.weights}, {'compiled' if args.compile else 'eager'}, {where}, "
+          f"{'threads of one process' if args.threads else 'one process each'}, "
           f"{n} generations per run (medians: "
           + ", ".join(f"{role} {statistics.median(results[role]['times']):.2f} s" for role in roles) + ")")
-    print("| ratio | wall: mean [95 % interval] | median | process CPU: mean [95 % interval] |\n|---|---:|---:|---:|")
+    print("| ratio | per generation, wall: mean [95 % interval] | median | process CPU: mean [95 % interval] "
+          "| per model call, wall: mean [95 % interval] (pairs) | median |\n|---|---:|---:|---:|---:|---:|")
     for name, r in table.items():
-        w, c = r["wall"], r["cpu"]
+        w, c, k = r["wall"], r["cpu"], r.get("calls")
         print(f"| {name} | {w['mean']:.3f}x [{w['ci95'][0]:.3f}, {w['ci95'][1]:.3f}] | {w['median']:.3f}x "
-              f"| {c['mean']:.3f}x [{c['ci95'][0]:.3f}, {c['ci95'][1]:.3f}] |")
+              f"| {c['mean']:.3f}x [{c['ci95'][0]:.3f}, {c['ci95'][1]:.3f}] | "
+              + (f"{k['mean']:.4f}x [{k['ci95'][0]:.4f}, {k['ci95'][1]:.4f}] ({k['n']}) | {k['median']:.4f}x |"
+                 if k else "- (runs made different numbers of calls) | - |"))
     if args.json:
         with open(args.json, "w") as fh:
             json.dump({"args": vars(args), "runs": results, "ratios": table}, fh, indent=2)
