@@ -1,0 +1,49 @@
+"""benchmarks/bench_triton_lora.py's fused LoRA GEMMs, run in Triton's CPU interpreter: they must compute
+x W^T + z U^T + b (the GPU run times them; this keeps them correct between GPU sessions)."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+pytest.importorskip("triton")
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+SCRIPT = os.path.join(ROOT, "benchmarks", "bench_triton_lora.py")
+
+
+def interpret(*args, code=None):
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    cmd = [sys.executable, SCRIPT, *args] if code is None else [sys.executable, "-c", code]
+    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600, cwd=ROOT)
+
+
+@pytest.mark.parametrize("dtype,tol", [("fp32", 1e-5), ("fp16", 2e-3)])
+def test_fused_gemms_match_torch_on_ragged_shapes(dtype, tol):
+    # 37 tokens: no multiple of the row tile, so the masked (and TMA zero-padded) edges are exercised.
+    r = interpret("--check-only", "--tokens", "37", "--dtype", dtype)
+    assert r.returncode == 0, r.stdout + r.stderr
+    line = next(ln for ln in r.stdout.splitlines() if ln.startswith("fused GEMM vs torch"))
+    errors = json.loads(line.split(":", 1)[1].strip().replace("'", '"'))
+    assert len(errors) == 12  # six layers, two kernels
+    assert all(float(e) < tol for e in errors.values()), errors
+
+
+def test_a_rank_the_kernel_cannot_take_is_refused_by_name():
+    code = (f"import sys, torch; sys.path.insert(0, {os.path.dirname(SCRIPT)!r}); import bench_triton_lora as b\n"
+            "x = torch.randn(8, 32)\n"
+            "try:\n"
+            "    b.lora_linear(x, torch.randn(32, 32), None, torch.randn(8, 24), torch.randn(32, 24))\n"
+            "except ValueError as e:\n"
+            "    print('refused:', e)\n")
+    r = interpret(code=code)
+    assert r.returncode == 0 and "refused: rank 24" in r.stdout, r.stdout + r.stderr
+
+
+def test_the_timing_run_goes_through_every_variant():
+    # What a GPU session runs, at interpreter size: every variant, the pack's folded branch among them.
+    r = interpret("--tokens", "37", "--dtype", "fp32", "--iters", "1")
+    assert r.returncode == 0, r.stdout + r.stderr
+    rows = [ln.split("|")[1].strip() for ln in r.stdout.splitlines() if ln.startswith("| ") and "ms" not in ln]
+    assert rows == ["base (cuBLAS)", "folded (the pack)", "triton fused", "triton fused, z given", "triton TMA fused",
+                    "triton TMA, z given", "triton TMA, zero branch"], r.stdout
