@@ -10,9 +10,10 @@ checks the kernel against torch and times, on the six image-stream layers of one
 alone (cuBLAS), the pack's folded branch, and this kernel (z by cuBLAS, then the fused GEMM), the variants
 taking turns call by call. It is not wired into the pack: that waits for a measurement that beats the fold.
 
-    python benchmarks/bench_triton_lora.py                      # GPU: 8192 tokens, bf16, autotuned
+    TRITON_PRINT_AUTOTUNING=1 python benchmarks/bench_triton_lora.py   # GPU: 8192 tokens, bf16, autotuned
     TRITON_INTERPRET=1 python benchmarks/bench_triton_lora.py --check-only --tokens 40 --dtype fp32  # CPU check
     TRITON_INTERPRET=1 python benchmarks/bench_triton_lora.py --tokens 40 --dtype fp32 --iters 1  # CPU smoke run
+    python benchmarks/bench_triton_lora.py --compile-sm90        # no GPU: compile every config for an H100
 """
 import argparse
 import os
@@ -32,6 +33,7 @@ DIM, MLP, RANK = 3072, 12288, 32
 LAYERS = {"to_q": (DIM, DIM), "to_k": (DIM, DIM), "to_v": (DIM, DIM), "to_out": (DIM, DIM),
           "mlp_in": (DIM, MLP), "mlp_out": (MLP, DIM)}
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+SM90_SHARED = 232448  # bytes of shared memory a block may use on an H100 (227 KiB)
 
 
 def _configs():
@@ -39,11 +41,11 @@ def _configs():
     if INTERPRET:
         return [triton.Config({"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 32, "GROUP_M": 2}, num_warps=1)]
     return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8}, num_stages=s, num_warps=w)
-            for bm, bn, bk, s, w in [(128, 256, 64, 3, 8), (128, 128, 64, 4, 8), (128, 256, 64, 4, 8),
-                                     (256, 128, 64, 3, 8), (128, 128, 64, 3, 4), (64, 256, 64, 4, 4),
-                                     (128, 64, 64, 4, 4)]]
+            for bm, bn, bk, s, w in [(128, 256, 64, 3, 8), (128, 128, 64, 4, 8), (256, 128, 64, 3, 8),
+                                     (128, 128, 64, 3, 4), (64, 256, 64, 4, 4)]]  # all within sm90's 227 KB
 
 
+# K is a compile-time constant (two values here): Triton's interpreter cannot loop to a runtime bound with numpy 2.
 @triton.autotune(configs=_configs(), key=["M", "N", "K"])
 @triton.jit
 def _lora_linear_kernel(x_ptr, w_ptr, z_ptr, u_ptr, b_ptr, y_ptr, M, N, K: tl.constexpr,
@@ -61,7 +63,11 @@ def _lora_linear_kernel(x_ptr, w_ptr, z_ptr, u_ptr, b_ptr, y_ptr, M, N, K: tl.co
     rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     rk = tl.arange(0, BLOCK_K)
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    # The LoRA product first (its loads then overlap the K loop's), from the same accumulator.
+    rr = tl.arange(0, R)
+    zt = tl.load(z_ptr + rm[:, None] * s_zm + rr[None, :] * s_zr, mask=rm[:, None] < M, other=0.0)
+    ut = tl.load(u_ptr + rn[None, :] * s_un + rr[:, None] * s_ur, mask=rn[None, :] < N, other=0.0)
+    acc = tl.dot(zt, ut, tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32))
     for k0 in range(0, K, BLOCK_K):
         k = k0 + rk
         a = tl.load(x_ptr + rm[:, None] * s_xm + k[None, :] * s_xk, mask=(rm[:, None] < M) & (k[None, :] < K),
@@ -69,11 +75,6 @@ def _lora_linear_kernel(x_ptr, w_ptr, z_ptr, u_ptr, b_ptr, y_ptr, M, N, K: tl.co
         b = tl.load(w_ptr + rn[None, :] * s_wn + k[:, None] * s_wk, mask=(rn[None, :] < N) & (k[:, None] < K),
                     other=0.0)
         acc = tl.dot(a, b, acc)
-    # The LoRA product, from the same accumulator: one more rank-R step of the K loop.
-    rr = tl.arange(0, R)
-    zt = tl.load(z_ptr + rm[:, None] * s_zm + rr[None, :] * s_zr, mask=rm[:, None] < M, other=0.0)
-    ut = tl.load(u_ptr + rn[None, :] * s_un + rr[:, None] * s_ur, mask=rn[None, :] < N, other=0.0)
-    acc = tl.dot(zt, ut, acc)
     if HAS_BIAS:
         acc += tl.load(b_ptr + rn, mask=rn < N, other=0.0).to(tl.float32)[None, :]
     tl.store(y_ptr + rm[:, None] * s_ym + rn[None, :] * s_yn, acc.to(y_ptr.dtype.element_ty),
@@ -106,12 +107,11 @@ def _lora_linear_tma_kernel(x_desc, w_desc, z_desc, u_desc, b_ptr, y_desc, M, N,
     rows = min(tiles_m - first_m, GROUP_M)
     off_m = (first_m + (pid % per_group) % rows) * BLOCK_M
     off_n = ((pid % per_group) // rows) * BLOCK_N
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    acc = tl.dot(z_desc.load([off_m, 0]), u_desc.load([off_n, 0]).T, tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32))
     for k in range(0, K, BLOCK_K):
         a = x_desc.load([off_m, k])
         b = w_desc.load([off_n, k])
         acc = tl.dot(a, b.T, acc)
-    acc = tl.dot(z_desc.load([off_m, 0]), u_desc.load([off_n, 0]).T, acc)
     if HAS_BIAS:
         rn = off_n + tl.arange(0, BLOCK_N)
         acc += tl.load(b_ptr + rn, mask=rn < N, other=0.0).to(tl.float32)[None, :]
@@ -149,6 +149,43 @@ def lora_linear(x, weight, bias, z, up):
                               x.stride(0), x.stride(1), weight.stride(0), weight.stride(1), z.stride(0), z.stride(1),
                               up.stride(0), up.stride(1), y.stride(0), y.stride(1), R=r, HAS_BIAS=bias is not None)
     return y
+
+
+def compile_for_sm90(k_values=(3072, 12288)):
+    """Compile every config of both kernels for an H100 (sm90) here, without a GPU, specialised as a launch on
+    the bench's bf16 tensors would be (16-aligned pointers and sizes, unit strides as constants): per config,
+    the shared memory it takes and what its code uses: Hopper tensor-core MMAs (wgmma), and pipelined loads
+    (async copies, or TMA bulk copies). Catches lowering errors and configs that do not fit before GPU time."""
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+    rows = []
+    for kernel in (_lora_linear_kernel, _lora_linear_tma_kernel):
+        fn = kernel.fn
+        for cfg in kernel.configs:
+            kw = cfg.kwargs
+            descs = {"x_desc": (kw["BLOCK_M"], kw["BLOCK_K"]), "w_desc": (kw["BLOCK_N"], kw["BLOCK_K"]),
+                     "z_desc": (kw["BLOCK_M"], RANK), "u_desc": (kw["BLOCK_N"], RANK),
+                     "y_desc": (kw["BLOCK_M"], kw["BLOCK_N"])}
+            sig, const, attrs = {}, dict(kw, R=RANK, HAS_BIAS=True), {}
+            for i, name in enumerate(fn.arg_names):
+                if name in descs:
+                    sig[name] = "tensordesc<bf16[{},{}]>".format(*descs[name])
+                elif name.endswith("_ptr"):
+                    sig[name], attrs[(i,)] = "*bf16", [["tt.divisibility", 16]]
+                elif name in ("s_xk", "s_wk", "s_zr", "s_ur", "s_yn"):
+                    sig[name], const[name] = "constexpr", 1  # the JIT makes integer-1 arguments constants
+                elif name in ("M", "N") or name.startswith("s_"):
+                    sig[name], attrs[(i,)] = "i32", [["tt.divisibility", 16]]
+                else:
+                    sig[name] = "constexpr"
+            for k in k_values:
+                compiled = triton.compile(ASTSource(fn, sig, dict(const, K=k), attrs), target=GPUTarget("cuda", 90, 32),
+                                          options={"num_warps": cfg.num_warps, "num_stages": cfg.num_stages})
+                ptx = compiled.asm["ptx"]
+                rows.append({"kernel": fn.__name__, "config": f"{kw} stages {cfg.num_stages} warps {cfg.num_warps}",
+                             "K": k, "shared": compiled.metadata.shared, "wgmma": "wgmma.mma_async" in ptx,
+                             "async_copies": "cp.async.cg" in ptx, "tma": "cp.async.bulk.tensor" in ptx})
+    return rows
 
 
 def build(device, dtype, tokens, seed=0):
@@ -190,7 +227,15 @@ def main():
     ap.add_argument("--dtype", default="bf16", choices=["bf16", "fp16", "fp32"])
     ap.add_argument("--iters", type=int, default=40, help="timed calls per variant (median)")
     ap.add_argument("--check-only", action="store_true", help="only compare the kernel with torch")
+    ap.add_argument("--compile-sm90", action="store_true",
+                    help="no GPU needed: compile every config for an H100 and report shared memory and the code used")
     args = ap.parse_args()
+    if args.compile_sm90:
+        for r in compile_for_sm90():
+            fits = "fits" if r["shared"] <= SM90_SHARED else "TOO LARGE"
+            print(f"{r['kernel']} {r['config']} K={r['K']}: shared {r['shared']} B ({fits}), wgmma {r['wgmma']}, "
+                  f"async copies {r['async_copies']}, TMA {r['tma']}")
+        return
     device = torch.device("cpu" if INTERPRET else "cuda")
     if device.type == "cuda" and not torch.cuda.is_available():
         raise SystemExit("no CUDA device: run on a GPU, or on a CPU under TRITON_INTERPRET=1 (small layers)")
