@@ -70,7 +70,7 @@ def child(i, role, baton, args, queue):
     baton.take(i)
     try:
         torch.inference_mode().__enter__()  # as bench_sampler.py runs (the whole process)
-        device, loras, _ = bs.setup(args, "cpu" if args.device == "cpu" else "cuda", [args.weights])
+        device, loras, _ = bs.setup(args, args.device, [args.weights])
         (base, glance_model, stock_model, _, _), runs = bs.prepare(args, args.weights, device, loras)
         import comfy.model_base
         import comfy.model_management as mm
@@ -101,9 +101,8 @@ class Meter:
             out = apply_model(self, *a, **k)
             m.sync()
             m.calls.append(time.perf_counter() - t)
-            t, c = time.perf_counter(), time.process_time()
-            m.baton.pass_on(m.i)
-            m.wall += time.perf_counter() - t
+            c = time.process_time()
+            m.wall += m.baton.pass_on(m.i)
             m.cpu += time.process_time() - c
             return out
         return in_turns
@@ -131,11 +130,11 @@ class Meter:
 
 
 def in_threads(args, roles):
-    """All runs in this process, one thread each, taking turns model call by model call: {role: times}.
+    """All runs in this process, one thread each, taking turns model call by model call: {role: its timings}.
 
     Glance, base (and separate) run on one model; stock merged on a second one built alike, since loading it
     rewrites the weights it runs on."""
-    device, loras, _ = bs.setup(args, "cpu" if args.device == "cpu" else "cuda", [args.weights])
+    device, loras, _ = bs.setup(args, args.device, [args.weights])
     _, runs = bs.prepare(args, args.weights, device, loras)
     _, runs_b = bs.prepare(args, args.weights, device, loras)  # its own weights for the stock merge
     runs["merged10"] = runs_b["merged10"]
@@ -193,6 +192,8 @@ def main():
         raise SystemExit("--generations: at least 2 (the interval needs two ratios)")
     if args.device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("--device cuda: no CUDA device visible to torch")
+    if args.threads and args.separate:  # runtime.fuse is one switch per process: it would reach the Glance run too
+        raise SystemExit("--separate needs a process of its own: use it without --threads")
     roles = ["glance10", "merged10", "base10"] + (["glance10_separate"] if args.separate else [])
     if args.threads:
         with torch.inference_mode():
@@ -203,7 +204,7 @@ def main():
 
 
 def in_processes(args, roles):
-    """Every run in a process of its own, taking turns model call by model call: {role: times}."""
+    """Every run in a process of its own, taking turns model call by model call: {role: its timings}."""
     ctx = multiprocessing.get_context("spawn")
     baton, queue = Baton(ctx, len(roles)), ctx.Queue()
     procs = [ctx.Process(target=child, args=(i, role, baton, args, queue), name=role)

@@ -43,7 +43,18 @@ def _configs():
         return [triton.Config({"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 32, "GROUP_M": 2}, num_warps=1)]
     return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8}, num_stages=s, num_warps=w)
             for bm, bn, bk, s, w in [(128, 256, 64, 3, 8), (128, 128, 64, 4, 8), (256, 128, 64, 3, 8),
-                                     (128, 128, 64, 3, 4), (64, 256, 64, 4, 4)]]  # all within sm90's 227 KB
+                                     (128, 128, 64, 3, 4), (64, 256, 64, 4, 4)]]  # all within sm90's 227 KiB
+
+
+@triton.jit
+def _tile(tile, M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
+    """Row and column offsets of output tile `tile` in grouped order: GROUP_M row tiles in turn share the W tiles
+    they read while those sit in L2."""
+    tiles_m, tiles_n = tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N)
+    per_group = GROUP_M * tiles_n
+    first_m = (tile // per_group) * GROUP_M
+    rows = min(tiles_m - first_m, GROUP_M)
+    return (first_m + (tile % per_group) % rows) * BLOCK_M, ((tile % per_group) // rows) * BLOCK_N
 
 
 # K is a compile-time constant (two values here): Triton's interpreter cannot loop to a runtime bound with numpy 2.
@@ -53,16 +64,9 @@ def _lora_linear_kernel(x_ptr, w_ptr, z_ptr, u_ptr, b_ptr, y_ptr, M, N, K: tl.co
                         s_xm, s_xk, s_wn, s_wk, s_zm, s_zr, s_un, s_ur, s_ym, s_yn,
                         R: tl.constexpr, HAS_BIAS: tl.constexpr,
                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
-    # Grouped tile order: GROUP_M row tiles share the W tiles they read while those sit in L2.
-    pid = tl.program_id(0)
-    tiles_m, tiles_n = tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N)
-    per_group = GROUP_M * tiles_n
-    first_m = (pid // per_group) * GROUP_M
-    rows = min(tiles_m - first_m, GROUP_M)
-    pid_m = first_m + (pid % per_group) % rows
-    pid_n = (pid % per_group) // rows
-    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    off_m, off_n = _tile(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
+    rm = off_m + tl.arange(0, BLOCK_M)
+    rn = off_n + tl.arange(0, BLOCK_N)
     rk = tl.arange(0, BLOCK_K)
     # The LoRA product first (its loads then overlap the K loop's), from the same accumulator.
     rr = tl.arange(0, R)
@@ -99,34 +103,42 @@ def _tma_configs(persistent=False):
             for c in configs]
 
 
-@triton.autotune(configs=_tma_configs(), key=["M", "N", "K"])
 @triton.jit
-def _lora_linear_tma_kernel(x_desc, w_desc, z_desc, u_desc, b_ptr, y_desc, M, N, K: tl.constexpr,
-                            R: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                            BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
-    # The same GEMM with Hopper's TMA loads (tensor descriptors pad out-of-range tiles with zeros).
-    pid = tl.program_id(0)
-    tiles_m, tiles_n = tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N)
-    per_group = GROUP_M * tiles_n
-    first_m = (pid // per_group) * GROUP_M
-    rows = min(tiles_m - first_m, GROUP_M)
-    off_m = (first_m + (pid % per_group) % rows) * BLOCK_M
-    off_n = ((pid % per_group) // rows) * BLOCK_N
+def _tma_tile(x_desc, w_desc, z_desc, u_desc, b_ptr, y_desc, off_m, off_n, N, K: tl.constexpr, HAS_BIAS: tl.constexpr,
+              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """One output tile through TMA: the rank-R product first, the K loop into the same accumulator, bias, store
+    (the descriptors pad out-of-range tiles with zeros and clip the store)."""
     acc = tl.dot(z_desc.load([off_m, 0]), u_desc.load([off_n, 0]).T, tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32))
     for k in range(0, K, BLOCK_K):
-        a = x_desc.load([off_m, k])
-        b = w_desc.load([off_n, k])
-        acc = tl.dot(a, b.T, acc)
+        acc = tl.dot(x_desc.load([off_m, k]), w_desc.load([off_n, k]).T, acc)
     if HAS_BIAS:
         rn = off_n + tl.arange(0, BLOCK_N)
         acc += tl.load(b_ptr + rn, mask=rn < N, other=0.0).to(tl.float32)[None, :]
     y_desc.store([off_m, off_n], acc.to(y_desc.dtype))
 
 
+@triton.autotune(configs=_tma_configs(), key=["M", "N", "K"])
+@triton.jit
+def _lora_linear_tma_kernel(x_desc, w_desc, z_desc, u_desc, b_ptr, y_desc, M, N, K: tl.constexpr,
+                            R: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                            BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
+    # The same GEMM with Hopper's TMA loads: one program per output tile.
+    off_m, off_n = _tile(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
+    _tma_tile(x_desc, w_desc, z_desc, u_desc, b_ptr, y_desc, off_m, off_n, N, K, HAS_BIAS, BLOCK_M, BLOCK_N, BLOCK_K)
+
+
+def _shapes(x, up):
+    """(M, K, N, R) of a call, refusing a rank the kernels cannot take."""
+    (m, k), (n, r) = x.shape, up.shape
+    if r < 16 or r & (r - 1):
+        raise ValueError(f"rank {r}: the fused GEMM takes a power of two >= 16 (tl.dot's smallest tile)")
+    return m, k, n, r
+
+
 def _launch_tma(kernel, x, weight, bias, z, up, programs=None):
     """Run a TMA kernel on x, weight, z, up: one program per output tile, or `programs` looping over the tiles."""
     from triton.tools.tensor_descriptor import TensorDescriptor
-    (m, k), (n, r) = x.shape, up.shape
+    m, k, n, r = _shapes(x, up)
     y = torch.empty(m, n, device=x.device, dtype=x.dtype)
 
     def desc(t):
@@ -154,21 +166,10 @@ def _lora_linear_persistent_kernel(x_desc, w_desc, z_desc, u_desc, b_ptr, y_desc
                                    PROGRAMS: tl.constexpr):
     # The TMA GEMM as a persistent kernel: one program per SM walks the tiles, and the flattened loop lets the
     # compiler start the next tile's loads while this tile's epilogue (bias, store) runs.
-    tiles_m, tiles_n = tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N)
-    per_group = GROUP_M * tiles_n
-    for tile in tl.range(tl.program_id(0), tiles_m * tiles_n, PROGRAMS, flatten=True):
-        first_m = (tile // per_group) * GROUP_M
-        rows = min(tiles_m - first_m, GROUP_M)
-        off_m = (first_m + (tile % per_group) % rows) * BLOCK_M
-        off_n = ((tile % per_group) // rows) * BLOCK_N
-        acc = tl.dot(z_desc.load([off_m, 0]), u_desc.load([off_n, 0]).T,
-                     tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32))
-        for k in range(0, K, BLOCK_K):
-            acc = tl.dot(x_desc.load([off_m, k]), w_desc.load([off_n, k]).T, acc)
-        if HAS_BIAS:
-            rn = off_n + tl.arange(0, BLOCK_N)
-            acc += tl.load(b_ptr + rn, mask=rn < N, other=0.0).to(tl.float32)[None, :]
-        y_desc.store([off_m, off_n], acc.to(y_desc.dtype))
+    for tile in tl.range(tl.program_id(0), tl.cdiv(M, BLOCK_M) * tl.cdiv(N, BLOCK_N), PROGRAMS, flatten=True):
+        off_m, off_n = _tile(tile, M, N, BLOCK_M, BLOCK_N, GROUP_M)
+        _tma_tile(x_desc, w_desc, z_desc, u_desc, b_ptr, y_desc, off_m, off_n, N, K, HAS_BIAS, BLOCK_M, BLOCK_N,
+                  BLOCK_K)
 
 
 def lora_linear_persistent(x, weight, bias, z, up):
@@ -180,9 +181,7 @@ def lora_linear_persistent(x, weight, bias, z, up):
 def lora_linear(x, weight, bias, z, up):
     """x @ weight^T + z @ up^T + bias in one GEMM (x: (M, K), weight: (N, K), z: (M, R), up: (N, R); R a
     power of two >= 16). Scale already folded into `up`, as the pack's prepared branches have it."""
-    (m, k), (n, r) = x.shape, up.shape
-    if r < 16 or r & (r - 1):
-        raise ValueError(f"rank {r}: the fused GEMM takes a power of two >= 16 (tl.dot's smallest tile)")
+    m, k, n, r = _shapes(x, up)
     y = torch.empty(m, n, device=x.device, dtype=x.dtype)
 
     def grid(meta):
@@ -194,7 +193,7 @@ def lora_linear(x, weight, bias, z, up):
 
 
 def compile_for_sm90(k_values=(3072, 12288)):
-    """Compile every config of both kernels for an H100 (sm90) here, without a GPU, specialised as a launch on
+    """Compile every config of every kernel for an H100 (sm90) here, without a GPU, specialised as a launch on
     the bench's bf16 tensors would be (16-aligned pointers and sizes, unit strides as constants): per config,
     the shared memory it takes and what its code uses: Hopper tensor-core MMAs (wgmma), and pipelined loads
     (async copies, or TMA bulk copies). Catches lowering errors and configs that do not fit before GPU time."""
@@ -253,10 +252,10 @@ def check(layers):
     worst, wrong = {}, []
     for name, t in layers.items():
         z = t["x"] @ t["down"].t()
-        ref = (t["x"].float() @ t["w"].float().t() + z.float() @ t["up"].float().t() + t["b"].float())
+        branch = z.float() @ t["up"].float().t()
+        ref = t["x"].float() @ t["w"].float().t() + t["b"].float() + branch
         # the branch must be there: without it the error is of the branch's size
-        no_branch = float((t["x"].float() @ t["w"].float().t() + t["b"].float() - ref).abs().max()
-                          / ref.abs().max())
+        no_branch = float(branch.abs().max() / ref.abs().max())
         for kernel in kernels:
             y = kernel(t["x"], t["w"], t["b"], z, t["up"])
             err = float((y.float() - ref).abs().max() / ref.abs().max())
