@@ -194,7 +194,7 @@ def consecutive_generations(n, glance, cuda):
 def prepare(args, weights, device, loras):
     """The base model (compiled with --compile), its Glance clone with the bench pair, its stock clone with the
     slow LoRA merged (ComfyUI's LoraLoader path), the Glance loader's report, and the runs: name -> callable
-    returning the sampled latent (base10, glance10, glance10_separate, merged10, base50)."""
+    returning the sampled latent (base10, glance10, glance10_separate, glance10_gemm, merged10, base50)."""
     import comfy.sample
     import comfy.samplers
     import comfy.sd
@@ -243,7 +243,15 @@ def prepare(args, weights, device, loras):
         finally:
             runtime.fuse = True
 
+    def through_gemm():  # the fused Triton GEMM for the folded layers (GLANCE_LORA_GEMM=args.lora_gemm)
+        runtime.use_lora_gemm(args.lora_gemm)
+        try:
+            return glance()
+        finally:
+            runtime.use_lora_gemm(None)
+
     runs = {"base10": lambda: stock(base, sig10), "glance10": glance, "glance10_separate": separate,
+            "glance10_gemm": through_gemm,
             "merged10": lambda: stock(stock_model, sig10), "base50": lambda: stock(base, sig50)}
     return (base, glance_model, stock_model, report, params), runs
 
@@ -283,6 +291,8 @@ def bench_format(args, weights, device, loras, pack):
     runs = {"base10": every["base10"], "glance10": glance}
     if args.separate:
         runs["glance10_separate"] = every["glance10_separate"]
+    if getattr(args, "lora_gemm", None):
+        runs["glance10_gemm"] = every["glance10_gemm"]
     merged = every["merged10"]
     res = {"weights": weights, "params_B": params / 1e9, "rounds": [], "interleaved": args.interleave}
     res["load_base_s"] = load(base, "load base model")
@@ -327,7 +337,8 @@ def bench_format(args, weights, device, loras, pack):
     if weights != "fp8":
         res["merge_probe"] = merge_probe(pair.adapters["slow"], device)
         log(f"  merge probe (slow LoRA): {res['merge_probe']}")
-    keys = [k for k in ("base10", "glance10", "glance10_separate", "merged10") if k in res["rounds"][0]]
+    keys = [k for k in ("base10", "glance10", "glance10_separate", "glance10_gemm", "merged10")
+            if k in res["rounds"][0]]
     med = {k: statistics.median(r[k][0] for r in res["rounds"]) for k in keys}
     peak = {k: max(r[k][1] for r in res["rounds"]) for k in keys}
     res["median_s"], res["peak_bytes"] = med, peak
@@ -341,6 +352,10 @@ def bench_format(args, weights, device, loras, pack):
     if args.separate:
         res["separate_vs_merged10"] = med["glance10_separate"] / med["merged10"]
         res["separate_vs_merged10_cpu"] = res["median_cpu_s"]["glance10_separate"] / res["median_cpu_s"]["merged10"]
+    if "glance10_gemm" in med:
+        res["gemm_vs_merged10"] = med["glance10_gemm"] / med["merged10"]
+        res["paired_gemm_vs_merged10"] = paired(res["rounds"], "glance10_gemm", "merged10")
+        res["paired_gemm_vs_glance10"] = paired(res["rounds"], "glance10_gemm", "glance10")
     res["glance_vs_base10"] = med["glance10"] / med["base10"]
     if "base50" in res:
         res["base50_vs_glance10"] = res["base50"][0] / med["glance10"]
@@ -383,6 +398,7 @@ def print_table(args, device, results):
     print(f"\nResults: Qwen-Image {args.layers} block(s) at real width, {args.size}x{args.size}, CFG {args.cfg}, "
           f"euler, rank-{args.rank} official-layout pair, {'compiled' if args.compile else 'eager'}, "
           f"{torch.cuda.get_device_name(device) if device.type == 'cuda' else f'CPU {torch.get_num_threads()} threads'}")
+    gemm = "glance10_gemm" in results[0]["median_s"]
     rows = [("base model, 10 steps", lambda r: f"{r['median_s']['base10']:.2f} s"),
             ("Glance pair, 10 steps (GlanceSampler)", lambda r: f"{r['median_s']['glance10']:.2f} s"),
             ("stock, one LoRA merged, 10 steps", lambda r: f"{r['median_s']['merged10']:.2f} s"),
@@ -408,6 +424,14 @@ def print_table(args, device, results):
              lambda r: f"{r['separate_vs_merged10']:.3f}x"
              + (f"; {r['separate_vs_merged10_cpu']:.3f}x" if device.type == "cpu" else "")
              if "separate_vs_merged10" in r else "-"),
+            *([(f"Glance, GLANCE_LORA_GEMM={args.lora_gemm}, 10 steps",
+                lambda r: f"{r['median_s']['glance10_gemm']:.2f} s"),
+               ("  its / merged 10: median; per-round pairs mean [95 % interval]",
+                lambda r: "{:.3f}x; {mean:.3f}x [{ci95[0]:.3f}, {ci95[1]:.3f}]".format(
+                    r["gemm_vs_merged10"], **r["paired_gemm_vs_merged10"])),
+               ("  its / Glance 10 (cuBLAS and the fold): per-round pairs",
+                lambda r: "{mean:.3f}x [{ci95[0]:.3f}, {ci95[1]:.3f}]".format(**r["paired_gemm_vs_glance10"]))]
+              if gemm else []),
             ("base 50 / Glance 10 (target >= 4.9)",
              lambda r: f"{r['base50_vs_glance10']:.2f}x" if "base50" in r else "-"),
             ("base 50 / base 10", lambda r: f"{r['base50_vs_base10']:.2f}x" if "base50" in r else "-"),
@@ -453,6 +477,9 @@ def main():
     ap.add_argument("--separate", action=argparse.BooleanOptionalAction, default=True,
                     help="also time GlanceSampler with every branch added after the layer's own forward (the "
                          "mechanism before fusing; runtime.fuse = False), in the same rounds (default on)")
+    ap.add_argument("--lora-gemm", choices=["plain", "tma", "persistent"],
+                    help="also time GlanceSampler with the fused Triton GEMM variant (GLANCE_LORA_GEMM; a GPU "
+                         "with Triton), in the same rounds")
     ap.add_argument("--json", help="write the results here")
     args = ap.parse_args()
     want = "cuda" if args.device == "auto" and torch.cuda.is_available() else args.device
@@ -464,6 +491,11 @@ def main():
         raise SystemExit(f"--weights: unknown format(s) {bad}; choose among {list(WEIGHTS)}")
     if want == "cuda" and not torch.cuda.is_available():
         raise SystemExit("--device cuda: no CUDA device visible to torch")
+    if os.environ.get("GLANCE_LORA_GEMM"):  # it would reach the plain Glance run too
+        raise SystemExit("GLANCE_LORA_GEMM is set: unset it and pass --lora-gemm to time the fused GEMM beside "
+                         "cuBLAS and the fold")
+    if args.lora_gemm and want != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+        raise SystemExit("--lora-gemm: the fused GEMM runs on a CUDA GPU (use --device cuda)")
 
     if args.interleave is None:
         args.interleave = want != "cuda"

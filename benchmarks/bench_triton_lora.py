@@ -1,17 +1,18 @@
-"""Experiment (GPU): a Triton GEMM that adds the rank-r LoRA product inside its own accumulator.
+"""GPU: the fused LoRA GEMM (glance_core/fused_gemm.py) against cuBLAS and the pack's fold.
 
     y = x @ W^T + z @ U^T + bias,   z = x @ A^T computed beforehand (rank r, one small GEMM)
 
-Each output tile's fp32 accumulator starts from the rank-r product, then the K loop of x @ W^T runs into it as
-in any tiled GEMM, so the output is written once and never read back: what the pack's folded branch cannot
-avoid with cuBLAS (a weight copy, about 4 weight-sized passes, or one extra output write and read). Three
-versions: plain loads, Hopper TMA loads, and TMA in a persistent kernel. It only pays if the Triton GEMM keeps
-up with cuBLAS on the large bf16 product, which only a GPU can tell: this script checks the kernels against
-torch and times, on the six image-stream layers of one Qwen-Image block, the layers alone (cuBLAS), the pack's
-folded branch, and each kernel (z by cuBLAS, then the fused GEMM), the variants taking turns call by call. It
-is not wired into the pack: that waits for a measurement that beats the fold.
+The kernels start each output tile's fp32 accumulator from the rank-r product and run the K loop of x @ W^T
+into it, so the output is written once and no weight copy is made: what the pack's folded branch cannot avoid
+with cuBLAS (a weight copy, about 4 weight-sized passes, or one extra output write and read). It only pays if
+the Triton GEMM keeps up with cuBLAS on the large bf16 product, which only a GPU can tell. This script checks
+each variant against torch (a wrong one is named and left out), then times, on the six image-stream layers of
+one Qwen-Image block, the layers alone (cuBLAS), the pack's folded branch, each kernel by itself (z by cuBLAS,
+then the fused GEMM; with a zero branch: the Triton GEMM's own speed), and the pack with GLANCE_LORA_GEMM set
+to each variant (the path a user turns on), the variants taking turns call by call.
 
     TRITON_PRINT_AUTOTUNING=1 python benchmarks/bench_triton_lora.py   # GPU: 8192 tokens, bf16, autotuned
+    bash .gpu/run.sh sh benchmarks/gpu_fused_gemm.sh   # a GPU session's one call: this, then the sampler
     TRITON_INTERPRET=1 python benchmarks/bench_triton_lora.py --check-only --tokens 40 --dtype fp32  # CPU check
     TRITON_INTERPRET=1 python benchmarks/bench_triton_lora.py --tokens 40 --dtype fp32 --iters 1  # CPU smoke run
     python benchmarks/bench_triton_lora.py --compile-sm90        # no GPU: compile every config for an H100
@@ -22,174 +23,19 @@ import sys
 
 import torch
 import triton
-import triton.language as tl
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(HERE, ".."))
 sys.path.insert(0, HERE)
 from bench_fold import interleaved  # noqa: E402  (the variants take turns call by call)
-from glance_core import runtime  # noqa: E402
+from glance_core import fused_gemm, runtime  # noqa: E402
+from glance_core.fused_gemm import (INTERPRET, _lora_linear_kernel, _lora_linear_persistent_kernel,  # noqa: E402
+                                    _lora_linear_tma_kernel, lora_linear, lora_linear_persistent, lora_linear_tma)
 
 DIM, MLP, RANK = 3072, 12288, 32
 LAYERS = {"to_q": (DIM, DIM), "to_k": (DIM, DIM), "to_v": (DIM, DIM), "to_out": (DIM, DIM),
           "mlp_in": (DIM, MLP), "mlp_out": (MLP, DIM)}
-INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 SM90_SHARED = 232448  # bytes of shared memory a block may use on an H100 (227 KiB)
-
-
-def _configs():
-    """Hopper-sized tiles (the autotuner times each once per shape); one small tile under the interpreter."""
-    if INTERPRET:
-        return [triton.Config({"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 32, "GROUP_M": 2}, num_warps=1)]
-    return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8}, num_stages=s, num_warps=w)
-            for bm, bn, bk, s, w in [(128, 256, 64, 3, 8), (128, 128, 64, 4, 8), (256, 128, 64, 3, 8),
-                                     (128, 128, 64, 3, 4), (64, 256, 64, 4, 4)]]  # all within sm90's 227 KiB
-
-
-@triton.jit
-def _tile(tile, M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
-    """Row and column offsets of output tile `tile` in grouped order: GROUP_M row tiles in turn share the W tiles
-    they read while those sit in L2."""
-    tiles_m, tiles_n = tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N)
-    per_group = GROUP_M * tiles_n
-    first_m = (tile // per_group) * GROUP_M
-    rows = min(tiles_m - first_m, GROUP_M)
-    return (first_m + (tile % per_group) % rows) * BLOCK_M, ((tile % per_group) // rows) * BLOCK_N
-
-
-# K is a compile-time constant (two values here): Triton's interpreter cannot loop to a runtime bound with numpy 2.
-@triton.autotune(configs=_configs(), key=["M", "N", "K"])
-@triton.jit
-def _lora_linear_kernel(x_ptr, w_ptr, z_ptr, u_ptr, b_ptr, y_ptr, M, N, K: tl.constexpr,
-                        s_xm, s_xk, s_wn, s_wk, s_zm, s_zr, s_un, s_ur, s_ym, s_yn,
-                        R: tl.constexpr, HAS_BIAS: tl.constexpr,
-                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
-    off_m, off_n = _tile(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
-    rm = off_m + tl.arange(0, BLOCK_M)
-    rn = off_n + tl.arange(0, BLOCK_N)
-    rk = tl.arange(0, BLOCK_K)
-    # The LoRA product first (its loads then overlap the K loop's), from the same accumulator.
-    rr = tl.arange(0, R)
-    zt = tl.load(z_ptr + rm[:, None] * s_zm + rr[None, :] * s_zr, mask=rm[:, None] < M, other=0.0)
-    ut = tl.load(u_ptr + rn[None, :] * s_un + rr[:, None] * s_ur, mask=rn[None, :] < N, other=0.0)
-    acc = tl.dot(zt, ut, tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32))
-    for k0 in range(0, K, BLOCK_K):
-        k = k0 + rk
-        a = tl.load(x_ptr + rm[:, None] * s_xm + k[None, :] * s_xk, mask=(rm[:, None] < M) & (k[None, :] < K),
-                    other=0.0)
-        b = tl.load(w_ptr + rn[None, :] * s_wn + k[:, None] * s_wk, mask=(rn[None, :] < N) & (k[:, None] < K),
-                    other=0.0)
-        acc = tl.dot(a, b, acc)
-    if HAS_BIAS:
-        acc += tl.load(b_ptr + rn, mask=rn < N, other=0.0).to(tl.float32)[None, :]
-    tl.store(y_ptr + rm[:, None] * s_ym + rn[None, :] * s_yn, acc.to(y_ptr.dtype.element_ty),
-             mask=(rm[:, None] < M) & (rn[None, :] < N))
-
-
-def _tma_blocks(nargs):
-    """Autotune pre-hook: the TMA descriptors' block shapes follow the config being tried."""
-    bm, bn, bk, r = nargs["BLOCK_M"], nargs["BLOCK_N"], nargs["BLOCK_K"], nargs["R"]
-    for name, shape in (("x_desc", [bm, bk]), ("w_desc", [bn, bk]), ("z_desc", [bm, r]), ("u_desc", [bn, r]),
-                        ("y_desc", [bm, bn])):
-        nargs[name].block_shape = shape
-
-
-def _tma_configs(persistent=False):
-    configs = _configs()
-    if persistent and not INTERPRET:  # the flattened loop buffers one stage more: the 128x256 tiles get 2 stages
-        configs = [triton.Config(c.kwargs, num_stages=2 if c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] >= 32768
-                                 else c.num_stages, num_warps=c.num_warps) for c in configs]
-    return [triton.Config(c.kwargs, num_stages=c.num_stages, num_warps=c.num_warps, pre_hook=_tma_blocks)
-            for c in configs]
-
-
-@triton.jit
-def _tma_tile(x_desc, w_desc, z_desc, u_desc, b_ptr, y_desc, off_m, off_n, N, K: tl.constexpr, HAS_BIAS: tl.constexpr,
-              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    """One output tile through TMA: the rank-R product first, the K loop into the same accumulator, bias, store
-    (the descriptors pad out-of-range tiles with zeros and clip the store)."""
-    acc = tl.dot(z_desc.load([off_m, 0]), u_desc.load([off_n, 0]).T, tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32))
-    for k in range(0, K, BLOCK_K):
-        acc = tl.dot(x_desc.load([off_m, k]), w_desc.load([off_n, k]).T, acc)
-    if HAS_BIAS:
-        rn = off_n + tl.arange(0, BLOCK_N)
-        acc += tl.load(b_ptr + rn, mask=rn < N, other=0.0).to(tl.float32)[None, :]
-    y_desc.store([off_m, off_n], acc.to(y_desc.dtype))
-
-
-@triton.autotune(configs=_tma_configs(), key=["M", "N", "K"])
-@triton.jit
-def _lora_linear_tma_kernel(x_desc, w_desc, z_desc, u_desc, b_ptr, y_desc, M, N, K: tl.constexpr,
-                            R: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                            BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
-    # The same GEMM with Hopper's TMA loads: one program per output tile.
-    off_m, off_n = _tile(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
-    _tma_tile(x_desc, w_desc, z_desc, u_desc, b_ptr, y_desc, off_m, off_n, N, K, HAS_BIAS, BLOCK_M, BLOCK_N, BLOCK_K)
-
-
-def _shapes(x, up):
-    """(M, K, N, R) of a call, refusing a rank the kernels cannot take."""
-    (m, k), (n, r) = x.shape, up.shape
-    if r < 16 or r & (r - 1):
-        raise ValueError(f"rank {r}: the fused GEMM takes a power of two >= 16 (tl.dot's smallest tile)")
-    return m, k, n, r
-
-
-def _launch_tma(kernel, x, weight, bias, z, up, programs=None):
-    """Run a TMA kernel on x, weight, z, up: one program per output tile, or `programs` looping over the tiles."""
-    from triton.tools.tensor_descriptor import TensorDescriptor
-    m, k, n, r = _shapes(x, up)
-    y = torch.empty(m, n, device=x.device, dtype=x.dtype)
-
-    def desc(t):
-        return TensorDescriptor.from_tensor(t.contiguous(), [16, 16])  # block shape: set per config by _tma_blocks
-
-    def grid(meta):
-        tiles = triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"])
-        return (tiles if programs is None else min(programs, tiles),)
-    extra = {} if programs is None else {"PROGRAMS": programs}
-    kernel[grid](desc(x), desc(weight), desc(z), desc(up), bias if bias is not None else y, desc(y), m, n, k, R=r,
-                 HAS_BIAS=bias is not None, **extra)
-    return y
-
-
-def lora_linear_tma(x, weight, bias, z, up):
-    """lora_linear with TMA loads and stores (Hopper and newer)."""
-    return _launch_tma(_lora_linear_tma_kernel, x, weight, bias, z, up)
-
-
-@triton.autotune(configs=_tma_configs(persistent=True), key=["M", "N", "K"])
-@triton.jit
-def _lora_linear_persistent_kernel(x_desc, w_desc, z_desc, u_desc, b_ptr, y_desc, M, N, K: tl.constexpr,
-                                   R: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr,
-                                   BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
-                                   PROGRAMS: tl.constexpr):
-    # The TMA GEMM as a persistent kernel: one program per SM walks the tiles, and the flattened loop lets the
-    # compiler start the next tile's loads while this tile's epilogue (bias, store) runs.
-    for tile in tl.range(tl.program_id(0), tl.cdiv(M, BLOCK_M) * tl.cdiv(N, BLOCK_N), PROGRAMS, flatten=True):
-        off_m, off_n = _tile(tile, M, N, BLOCK_M, BLOCK_N, GROUP_M)
-        _tma_tile(x_desc, w_desc, z_desc, u_desc, b_ptr, y_desc, off_m, off_n, N, K, HAS_BIAS, BLOCK_M, BLOCK_N,
-                  BLOCK_K)
-
-
-def lora_linear_persistent(x, weight, bias, z, up):
-    """lora_linear_tma as a persistent kernel: one program per SM (a GPU only)."""
-    return _launch_tma(_lora_linear_persistent_kernel, x, weight, bias, z, up,
-                       programs=torch.cuda.get_device_properties(x.device).multi_processor_count)
-
-
-def lora_linear(x, weight, bias, z, up):
-    """x @ weight^T + z @ up^T + bias in one GEMM (x: (M, K), weight: (N, K), z: (M, R), up: (N, R); R a
-    power of two >= 16). Scale already folded into `up`, as the pack's prepared branches have it."""
-    m, k, n, r = _shapes(x, up)
-    y = torch.empty(m, n, device=x.device, dtype=x.dtype)
-
-    def grid(meta):
-        return (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)
-    _lora_linear_kernel[grid](x, weight, z, up, bias if bias is not None else y, y, m, n, k,
-                              x.stride(0), x.stride(1), weight.stride(0), weight.stride(1), z.stride(0), z.stride(1),
-                              up.stride(0), up.stride(1), y.stride(0), y.stride(1), R=r, HAS_BIAS=bias is not None)
-    return y
 
 
 def compile_for_sm90(k_values=(3072, 12288)):
@@ -302,7 +148,7 @@ def main():
     mods = {}
     ad = runtime.Adapter("slow")
     for name, t in layers.items():
-        lin = torch.nn.Linear(1, 1, device="meta")
+        lin = torch.nn.Linear(t["w"].shape[1], t["w"].shape[0], device="meta")
         lin.weight = torch.nn.Parameter(t["w"], requires_grad=False)
         lin.bias = torch.nn.Parameter(t["b"], requires_grad=False)
         ad.add(lin, t["down"], t["up"], 1.0)
@@ -318,6 +164,15 @@ def main():
     for t in layers.values():
         t["z"] = t["x"] @ t["down"].t()
         t["z0"], t["u0"] = torch.zeros_like(t["z"]), torch.zeros_like(t["up"])
+
+    def with_gemm(fn, variant):
+        def run():
+            runtime.use_lora_gemm(variant)
+            try:
+                return fn()
+            finally:
+                runtime.use_lora_gemm(None)
+        return run
 
     def triton_variant(kernel, z_given=False, zero=False):
         if kernel in wrong or (kernel is lora_linear_persistent and INTERPRET):
@@ -336,7 +191,27 @@ def main():
            "triton TMA, zero branch": triton_variant(lora_linear_tma, zero=True),
            "triton persistent fused": triton_variant(lora_linear_persistent),
            "triton persistent, zero branch": triton_variant(lora_linear_persistent, zero=True)}
+    for variant, kernel in (("plain", lora_linear), ("tma", lora_linear_tma),
+                            ("persistent", lora_linear_persistent)):
+        if triton_variant(kernel) is not None:
+            fns[f"the pack, GLANCE_LORA_GEMM={variant}"] = with_gemm(folded, variant)
     fns = {n: fn for n, fn in fns.items() if fn is not None}
+    with torch.inference_mode():  # the pack's path through each kernel gives the fold's result
+        ref = folded()
+        for name in [n for n in fns if n.startswith("the pack, ")]:
+            variant, calls = name.rsplit("=", 1)[1], []
+            kernel = fused_gemm.VARIANTS[variant]
+            fused_gemm.VARIANTS[variant] = lambda *a: (calls.append(1), kernel(*a))[1]
+            try:
+                out = fns[name]()
+            finally:
+                fused_gemm.VARIANTS[variant] = kernel
+            err = max(float((y.float() - r.float()).abs().max() / r.float().abs().max()) for y, r in zip(out, ref))
+            print(f"{name} vs the fold: worst error / output scale {err:.2e}; the kernel took {len(calls)} of "
+                  f"{len(layers)} layers (it takes {runtime.GEMM_MIN_ROWS} rows or more)", flush=True)
+            if not err < 0.02:
+                print(f"WRONG: {name}: off by {err:.3g} of the output's scale; it is left out of the timing")
+                del fns[name]
     with torch.inference_mode():  # the first calls autotune the kernels, shape by shape
         res = interleaved(fns, args.iters, device)
     where = torch.cuda.get_device_name(device) if device.type == "cuda" else "Triton's CPU interpreter (no timing)"
@@ -345,6 +220,9 @@ def main():
     print("| variant | median ms | over base ms | median paired ratio to base |\n|---|---:|---:|---:|")
     for n, (t, ratio) in res.items():
         print(f"| {n} | {t * 1e3:.3f} | {(t - res['base (cuBLAS)'][0]) * 1e3:+.3f} | {ratio:.4f} |")
+    pack = {n.rsplit("=", 1)[1]: res[n][0] for n in res if n.startswith("the pack, ")}
+    if pack:  # what benchmarks/gpu_fused_gemm.sh runs the full-size sampler with
+        print(f"fastest pack variant: {min(pack, key=pack.get)}")
     for kernel in (_lora_linear_kernel, _lora_linear_tma_kernel, _lora_linear_persistent_kernel):
         for key, cfg in getattr(kernel, "cache", {}).items():  # (M, N, K, dtypes...) -> best config
             print(f"  {kernel.fn.__name__} autotuned for {key}: {cfg}")

@@ -18,6 +18,8 @@ keep the separate branch. The slots are per module, not per thread: one model ca
 """
 import contextlib
 import contextvars
+import logging
+import os
 from typing import NamedTuple, Optional
 
 import torch
@@ -27,6 +29,7 @@ _SLOT = "_glance_slot"   # module attribute: tuple of (adapter, module, Prepared
 _SUBCLASSES = {}         # original module class -> its branched subclass
 _ORIGINAL = {}           # branched subclass -> original class
 fuse = True  # fold branches into the layer's own product where its weights allow (False: always a separate branch)
+log = logging.getLogger("glance")
 
 
 class Branch(NamedTuple):
@@ -179,6 +182,38 @@ def _addmm_(c, a, b):
         c.addmm_(a, b)
 
 
+def use_lora_gemm(variant):
+    """Compute folded layers with the fused Triton GEMM `variant` ("plain", "tma", "persistent"; see
+    fused_gemm), or with cuBLAS and the fold (None, the default). GLANCE_LORA_GEMM sets it at import."""
+    global lora_gemm, _gemm
+    if variant in (None, ""):
+        lora_gemm, _gemm = None, None
+        return
+    try:
+        from . import fused_gemm
+    except (ImportError, AttributeError) as e:  # AttributeError: torch < 2.4 has no torch.library.custom_op
+        raise ImportError(f"GLANCE_LORA_GEMM={variant}: the fused LoRA GEMM needs Triton and torch >= 2.4 ({e}); "
+                          f"unset GLANCE_LORA_GEMM, or install them", name="triton") from e
+    if variant not in fused_gemm.VARIANTS:
+        raise ValueError(f"GLANCE_LORA_GEMM={variant!r}: no such fused GEMM; use one of "
+                         f"{', '.join(fused_gemm.VARIANTS)}, or leave it unset for cuBLAS and the fold")
+    lora_gemm, _gemm = variant, fused_gemm
+
+
+lora_gemm = _gemm = None  # the fused GEMM variant in use and its module (use_lora_gemm)
+GEMM_MIN_ROWS = 1024  # fewer rows (tokens x batch, e.g. a text stream) keep cuBLAS: one autotune per row count
+_GEMM_WARNED, _GEMM_CHECKED = set(), set()
+use_lora_gemm(os.environ.get("GLANCE_LORA_GEMM"))
+
+
+def _gemm_takes(slot, device, dtype, fin, fout):
+    """None when the fused GEMM computes this layer (one branch over the whole output), else why it cannot."""
+    pieces = slot[0][2].pieces if len(slot) == 1 and slot[0][2] is not None else ()
+    if len(pieces) != 1 or pieces[0].offset != 0 or pieces[0].length != fout:
+        return "several branches on one layer (a fused projection such as FLUX's qkv, or stacked adapters)"
+    return _gemm.why_not(device, dtype, pieces[0].up.shape[1], fin, fout, lora_gemm)
+
+
 def _fused(slot, module, x, weight, bias):
     """F.linear(x, weight, bias) plus every branch in `slot`, without a separate pass over the output.
 
@@ -188,13 +223,21 @@ def _fused(slot, module, x, weight, bias):
     stored weights are never written), making one first if the cast did not (2 or 4 weight-sized passes
     against N (in + out) elements). Otherwise the branches are computed first and the base product is
     accumulated onto them by the GEMM itself (beta=1): the output is written once by the small rank-r GEMM
-    and read inside the large one, not read and written again after it."""
+    and read inside the large one, not read and written again after it. With `lora_gemm` set, a fused Triton
+    GEMM computes layers of GEMM_MIN_ROWS rows or more that it can take (fused_gemm.why_not) in one pass."""
     x2 = x.reshape(-1, x.shape[-1])
     (n, k), width = x2.shape, weight.shape[0]
     if not torch.compiler.is_compiling():  # a Python counter inside a graph would recompile every call
         for adapter, _, _ in slot:
             adapter.applied += 1
     own = weight is module._parameters.get("weight")  # else a fresh copy made by the layer's cast
+    if lora_gemm is not None and n >= GEMM_MIN_ROWS and _gemm_takes(slot, x2.device, x2.dtype, k, width) is None:
+        # One GEMM: the rank-r product starts each output tile's accumulator (no weight copy, one output write).
+        entry = slot[0][2]
+        z = x2 @ entry.down.t()
+        args = (x2, weight, bias, z, entry.pieces[0].up)
+        y = _gemm.op(*args, lora_gemm) if torch.compiler.is_compiling() else _gemm.VARIANTS[lora_gemm](*args)
+        return y.view(*x.shape[:-1], width)
     if n * (k + width) > (4 if own else 2) * k * width:
         if own:
             weight = weight.clone()
@@ -276,6 +319,16 @@ def _bind(adapters, touched, device, dtype):
         prepared = None if ad.trainable or device is None else ad._for(device, dtype)
         for m in ad.branches:
             slots.setdefault(m, []).append((ad, m, None if prepared is None else prepared[m]))
+    checked = lora_gemm, str(device), dtype, tuple(id(a) for a in adapters)
+    if lora_gemm is not None and device is not None and checked not in _GEMM_CHECKED:
+        _GEMM_CHECKED.add(checked)  # once per adapter set (ids: a reused one only skips a log line)
+        for m, slot in slots.items():  # say once per reason where the fused GEMM cannot take a layer
+            if _weights_of(_ORIGINAL.get(type(m), type(m))) is not None and all(e is not None for *_, e in slot):
+                why = _gemm_takes(slot, torch.device(device), dtype, m.in_features, m.out_features)
+                if why is not None and why not in _GEMM_WARNED:
+                    _GEMM_WARNED.add(why)
+                    log.warning("Glance: GLANCE_LORA_GEMM=%s is set, but some layers cannot use it (%s); they "
+                                "use cuBLAS and the fold", lora_gemm, why)
     undo = []
     for m in {*touched, *slots}:
         cls = type(m)

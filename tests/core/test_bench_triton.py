@@ -1,7 +1,9 @@
-"""benchmarks/bench_triton_lora.py's fused LoRA GEMMs, run in Triton's CPU interpreter: they must compute
-x W^T + z U^T + b (the GPU run times them; this keeps them correct between GPU sessions)."""
+"""The fused LoRA GEMMs (glance_core/fused_gemm.py) through benchmarks/bench_triton_lora.py, in Triton's CPU
+interpreter: they must compute x W^T + z U^T + b (the GPU run times them; this keeps them correct between GPU
+sessions), and every config compiles for an H100."""
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -33,7 +35,7 @@ def test_fused_gemms_match_torch_on_ragged_shapes(dtype, tol):
 
 
 def test_a_rank_the_kernel_cannot_take_is_refused_by_name():
-    code = (f"import sys, torch; sys.path.insert(0, {os.path.dirname(SCRIPT)!r}); import bench_triton_lora as b\n"
+    code = (f"import sys, torch; sys.path.insert(0, {ROOT!r}); from glance_core import fused_gemm as b\n"
             "x = torch.randn(8, 32)\n"
             "try:\n"
             "    b.lora_linear(x, torch.randn(32, 32), None, torch.randn(8, 24), torch.randn(32, 24))\n"
@@ -44,12 +46,19 @@ def test_a_rank_the_kernel_cannot_take_is_refused_by_name():
 
 
 def test_the_timing_run_goes_through_every_variant():
-    # What a GPU session runs, at interpreter size: every variant, the pack's folded branch among them.
-    r = interpret("--tokens", "37", "--dtype", "fp32", "--iters", "1")
+    # What a GPU session runs, at interpreter size: every variant, the pack's folded branch and the pack with
+    # GLANCE_LORA_GEMM set among them (fp16: the dtype the pack hands the kernel; fp32 layers keep the fold).
+    r = interpret("--tokens", "37", "--dtype", "fp16", "--iters", "1")
     assert r.returncode == 0, r.stdout + r.stderr
     rows = [ln.split("|")[1].strip() for ln in r.stdout.splitlines() if ln.startswith("| ") and "ms" not in ln]
     assert rows == ["base (cuBLAS)", "folded (the pack)", "triton fused", "triton fused, z given", "triton TMA fused",
-                    "triton TMA, z given", "triton TMA, zero branch"], r.stdout
+                    "triton TMA, z given", "triton TMA, zero branch", "the pack, GLANCE_LORA_GEMM=plain",
+                    "the pack, GLANCE_LORA_GEMM=tma"], r.stdout
+    # The pack's path with each kernel was checked against the fold before the timing. At 37 tokens the fold
+    # copies no weight, so the kernel takes no layer (tests/core/test_fused_gemm.py covers the layers it takes).
+    checked = re.findall(r"vs the fold: worst error / output scale (\S+); the kernel took (\d+) of 6", r.stdout)
+    assert len(checked) == 2 and all(float(e) < 2e-3 and n == "0" for e, n in checked), r.stdout
+    assert "WRONG" not in r.stdout and "GLANCE_LORA_GEMM=plain is set, but" not in r.stdout, r.stdout
 
 
 def test_every_config_compiles_for_an_h100_with_tensor_cores_and_pipelined_loads():
