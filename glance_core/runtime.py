@@ -312,6 +312,21 @@ def _branched(cls):
     return sub
 
 
+def _say_where_gemm_cannot(adapters, slots, device, dtype):
+    """Log once per reason the layers of `slots` the fused GEMM cannot take (checked once per adapter set)."""
+    checked = lora_gemm, str(device), dtype, tuple(id(a) for a in adapters)  # a reused id only skips a log line
+    if checked in _GEMM_CHECKED:
+        return
+    _GEMM_CHECKED.add(checked)
+    for m, slot in slots.items():
+        if _weights_of(_ORIGINAL.get(type(m), type(m))) is not None and all(e is not None for *_, e in slot):
+            why = _gemm_takes(slot, torch.device(device), dtype, m.in_features, m.out_features)
+            if why is not None and why not in _GEMM_WARNED:
+                _GEMM_WARNED.add(why)
+                log.warning("Glance: GLANCE_LORA_GEMM=%s is set, but some layers cannot use it (%s); they use "
+                            "cuBLAS and the fold", lora_gemm, why)
+
+
 def _bind(adapters, touched, device, dtype):
     """Give every module of `adapters` its branched class and slot, unbind the rest of `touched`; undo list."""
     slots = {}
@@ -319,16 +334,8 @@ def _bind(adapters, touched, device, dtype):
         prepared = None if ad.trainable or device is None else ad._for(device, dtype)
         for m in ad.branches:
             slots.setdefault(m, []).append((ad, m, None if prepared is None else prepared[m]))
-    checked = lora_gemm, str(device), dtype, tuple(id(a) for a in adapters)
-    if lora_gemm is not None and device is not None and checked not in _GEMM_CHECKED:
-        _GEMM_CHECKED.add(checked)  # once per adapter set (ids: a reused one only skips a log line)
-        for m, slot in slots.items():  # say once per reason where the fused GEMM cannot take a layer
-            if _weights_of(_ORIGINAL.get(type(m), type(m))) is not None and all(e is not None for *_, e in slot):
-                why = _gemm_takes(slot, torch.device(device), dtype, m.in_features, m.out_features)
-                if why is not None and why not in _GEMM_WARNED:
-                    _GEMM_WARNED.add(why)
-                    log.warning("Glance: GLANCE_LORA_GEMM=%s is set, but some layers cannot use it (%s); they "
-                                "use cuBLAS and the fold", lora_gemm, why)
+    if lora_gemm is not None and device is not None:
+        _say_where_gemm_cannot(adapters, slots, device, dtype)
     undo = []
     for m in {*touched, *slots}:
         cls = type(m)
