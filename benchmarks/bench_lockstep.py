@@ -69,16 +69,20 @@ def child(i, role, baton, args, queue):
     """Build the models and time `role` for args.generations generations (after one warm-up), in turns."""
     baton.take(i)
     try:
-        torch.inference_mode().__enter__()  # as bench_sampler.py runs (the whole process)
-        device, loras, _ = bs.setup(args, args.device, [args.weights])
-        (base, glance_model, stock_model, _, _), runs = bs.prepare(args, args.weights, device, loras)
-        import comfy.model_base
-        import comfy.model_management as mm
-        mm.load_models_gpu([stock_model if role == "merged10" else base], force_full_load=True)
-        sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-        meter = Meter(baton, i, sync)
-        comfy.model_base.BaseModel.apply_model = meter.wrap(comfy.model_base.BaseModel.apply_model, lambda: meter)
-        queue.put(meter.time(role, runs[role], args.generations))
+        # As bench_sampler.py runs: the whole run in inference mode. (A bare torch.inference_mode().__enter__()
+        # does not hold: the guard lives on the context object, and leaves with it at once. Before this was
+        # found, the per-process runs recorded autograd and Glance took its unfolded training path.)
+        with torch.inference_mode():
+            device, loras, _ = bs.setup(args, args.device, [args.weights])
+            (base, glance_model, stock_model, _, _), runs = bs.prepare(args, args.weights, device, loras)
+            import comfy.model_base
+            import comfy.model_management as mm
+            mm.load_models_gpu([stock_model if role == "merged10" else base], force_full_load=True)
+            sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+            meter = Meter(baton, i, sync)
+            comfy.model_base.BaseModel.apply_model = meter.wrap(comfy.model_base.BaseModel.apply_model,
+                                                                lambda: meter)
+            queue.put(meter.time(role, runs[role], args.generations))
     finally:
         baton.leave(i)
 
@@ -111,6 +115,8 @@ class Meter:
         """Run `run` for `generations` generations after one warm-up: {role, times, cpu, calls} (each generation's
         wall and process CPU seconds less the waits, and the seconds of every model call, generation by
         generation)."""
+        if not torch.is_inference_mode_enabled():  # as users run ComfyUI; else autograd records, unfolded
+            raise RuntimeError(f"{role}: not in inference mode; the timings would include autograd's recording")
         times, cpus, calls = [], [], []
         for g in range(generations + 1):  # the first is the warm-up (compiles with --compile)
             gc.collect()
