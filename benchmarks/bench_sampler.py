@@ -291,7 +291,7 @@ def bench_format(args, weights, device, loras, pack):
     runs = {"base10": every["base10"], "glance10": glance}
     if args.separate:
         runs["glance10_separate"] = every["glance10_separate"]
-    if getattr(args, "lora_gemm", None):
+    if args.lora_gemm:
         runs["glance10_gemm"] = every["glance10_gemm"]
     merged = every["merged10"]
     res = {"weights": weights, "params_B": params / 1e9, "rounds": [], "interleaved": args.interleave}

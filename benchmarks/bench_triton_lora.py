@@ -191,8 +191,7 @@ def main():
            "triton TMA, zero branch": triton_variant(lora_linear_tma, zero=True),
            "triton persistent fused": triton_variant(lora_linear_persistent),
            "triton persistent, zero branch": triton_variant(lora_linear_persistent, zero=True)}
-    for variant, kernel in (("plain", lora_linear), ("tma", lora_linear_tma),
-                            ("persistent", lora_linear_persistent)):
+    for variant, kernel in fused_gemm.VARIANTS.items():
         if triton_variant(kernel) is not None:
             fns[f"the pack, GLANCE_LORA_GEMM={variant}"] = with_gemm(folded, variant)
     fns = {n: fn for n, fn in fns.items() if fn is not None}

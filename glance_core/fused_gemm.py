@@ -184,10 +184,9 @@ VARIANTS = {"plain": lora_linear, "tma": lora_linear_tma, "persistent": lora_lin
 
 
 def why_not(device, dtype, rank, fin, fout, variant):
-    """None when `variant` can compute a layer of `fin` -> `fout` features with a rank-`rank` branch on
-    `device` in `dtype`, else the reason it cannot (the layer then keeps cuBLAS and the fold)."""
-    if variant not in VARIANTS:
-        return f"no fused GEMM variant {variant!r} (there are {', '.join(VARIANTS)})"
+    """None when `variant` (a key of VARIANTS, checked by runtime.use_lora_gemm) can compute a layer of `fin` ->
+    `fout` features with a rank-`rank` branch on `device` in `dtype`, else the reason it cannot (the layer then
+    keeps cuBLAS and the fold)."""
     if device.type != "cuda" and not INTERPRET:
         return f"the layer computes on {device.type}; the fused GEMM runs on CUDA GPUs"
     if variant == "persistent" and INTERPRET:
