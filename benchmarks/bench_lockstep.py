@@ -12,6 +12,11 @@ their mean and 95 % interval.
 in (in separate processes merged 10 and base 10, the same work, differed by up to 4 %). Glance and base then run
 on one model's weights, stock merged on a second model built alike (the merge rewrites the weights it runs on).
 
+Every run first makes glibc keep the memory a model call frees (bench_sampler.steady_allocator; --default-malloc
+leaves it): by default the allocator gives activation memory back to the kernel in some threads' arenas and not
+others, and the run that lands there zero-fills its activations' pages again on every call. The table's header
+gives each run's page faults per model call.
+
     python benchmarks/bench_lockstep.py --layers 1 --size 256 --generations 16            # CPU, eager
     python benchmarks/bench_lockstep.py --layers 1 --size 256 --generations 12 --compile  # compiled
     python benchmarks/bench_lockstep.py --threads --compile --generations 16               # one process
@@ -22,6 +27,7 @@ import json
 import multiprocessing
 import os
 import queue as queues
+import resource
 import statistics
 import sys
 import threading
@@ -67,6 +73,8 @@ class Baton:
 
 def child(i, role, baton, args, queue):
     """Build the models and time `role` for args.generations generations (after one warm-up), in turns."""
+    if not args.default_malloc:
+        bs.steady_allocator()
     baton.take(i)
     try:
         # As bench_sampler.py runs: the whole run in inference mode. (A bare torch.inference_mode().__enter__()
@@ -89,22 +97,24 @@ def child(i, role, baton, args, queue):
 
 class Meter:
     """One run's clock: the time each of its model calls took, and the time it waited for its turn (wall and
-    process CPU seconds: in --threads mode the process CPU time meanwhile is the other runs' work)."""
+    process CPU seconds: in --threads mode the process CPU time meanwhile is the other runs' work), and the
+    page faults each call took (process-wide: only one run computes at a time)."""
 
     def __init__(self, baton, i, sync):
         self.baton, self.i, self.sync = baton, i, sync
         self.wall = self.cpu = 0.0
-        self.calls = []
+        self.calls, self.faults = [], []
 
     @staticmethod
     def wrap(apply_model, meter_here):
         """BaseModel.apply_model timed, then passing the turn on (meter_here(): the calling run's Meter)."""
         def in_turns(self, *a, **k):
             m = meter_here()
-            t = time.perf_counter()
+            f, t = resource.getrusage(resource.RUSAGE_SELF).ru_minflt, time.perf_counter()
             out = apply_model(self, *a, **k)
             m.sync()
             m.calls.append(time.perf_counter() - t)
+            m.faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f)
             c = time.process_time()
             m.wall += m.baton.pass_on(m.i)
             m.cpu += time.process_time() - c
@@ -114,14 +124,14 @@ class Meter:
     def time(self, role, run, generations):
         """Run `run` for `generations` generations after one warm-up: {role, times, cpu, calls} (each generation's
         wall and process CPU seconds less the waits, and the seconds of every model call, generation by
-        generation)."""
+        generation, and the page faults of every timed model call)."""
         if not torch.is_inference_mode_enabled():  # as users run ComfyUI; else autograd records, unfolded
             raise RuntimeError(f"{role}: not in inference mode; the timings would include autograd's recording")
-        times, cpus, calls = [], [], []
+        times, cpus, calls, faults = [], [], [], []
         for g in range(generations + 1):  # the first is the warm-up (compiles with --compile)
             gc.collect()
             self.wall = self.cpu = 0.0
-            self.calls = []
+            self.calls, self.faults = [], []
             t0, c0 = time.perf_counter(), time.process_time()
             run()
             self.sync()
@@ -132,7 +142,8 @@ class Meter:
                 times.append(dt)
                 cpus.append(cpu)
                 calls.append(self.calls)
-        return {"role": role, "times": times, "cpu": cpus, "calls": calls}
+                faults.extend(self.faults)
+        return {"role": role, "times": times, "cpu": cpus, "calls": calls, "faults": faults}
 
 
 def in_threads(args, roles):
@@ -197,6 +208,9 @@ def main():
     ap.add_argument("--swap-models", action="store_true",
                     help="with --threads: Glance and base on the model built second, stock merged on the first "
                          "(two copies of the same weights can run at different speeds: run both ways)")
+    ap.add_argument("--default-malloc", action="store_true",
+                    help="leave glibc's allocator as it is (default: keep freed memory in the process, so no run "
+                         "pays page faults for its activations that the others do not; see the faults column)")
     ap.add_argument("--json", help="write the results here")
     args = ap.parse_args()
     if args.swap_models and not args.threads:
@@ -208,6 +222,8 @@ def main():
     if args.threads and args.separate:  # runtime.fuse is one switch per process: it would reach the Glance run too
         raise SystemExit("--separate needs a process of its own: use it without --threads")
     roles = ["glance10", "merged10", "base10"] + (["glance10_separate"] if args.separate else [])
+    if args.threads and not args.default_malloc:  # before the threads exist (the children set their own)
+        bs.log(bs.steady_allocator())
     if args.threads:
         with torch.inference_mode():
             results = in_threads(args, roles)
@@ -285,7 +301,11 @@ def report(args, roles, results):
           f"{'threads of one process' if args.threads else 'one process each'}"
           f"{' (models swapped: Glance and base on the one built second)' if args.swap_models else ''}, "
           f"{n} generations per run (medians: "
-          + ", ".join(f"{role} {statistics.median(results[role]['times']):.2f} s" for role in roles) + ")")
+          + ", ".join(f"{role} {statistics.median(results[role]['times']):.2f} s" for role in roles) + "; "
+          + ("glibc default allocator" if args.default_malloc else "steady allocator") + ", page faults per model "
+          "call, median / mean: " + ", ".join(f"{role} {statistics.median(results[role]['faults']):.0f} / "
+                                              f"{statistics.mean(results[role]['faults']):.0f}" for role in roles)
+          + ")")
     print("| ratio | per generation, wall: mean [95 % interval] | median | process CPU: mean [95 % interval] "
           "| per model call, wall: mean [95 % interval] (pairs) | median "
           "| fastest 20 % of calls: ratio [95 % bootstrap] |\n|---|---:|---:|---:|---:|---:|---:|")

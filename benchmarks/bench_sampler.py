@@ -73,6 +73,30 @@ class PeakCUDA:
         self.peak = torch.cuda.max_memory_allocated()
 
 
+def steady_allocator():
+    """Make glibc keep the memory a model call frees (on Linux): what was set, for the log, or why not.
+
+    By default glibc gives freed activation-sized blocks back to the kernel (an mmap threshold and trimming
+    that adapt as the program runs, one arena per thread), so a run that finds its arena trimmed zero-fills
+    the pages of its next activations again. In one --threads run of bench_lockstep.py the base run took a
+    median 5,679 page faults per model call and the other two runs 1-2: a cost that follows the arena, not
+    the work. Call before any other thread allocates. Blocks over 32 MB (glibc's limit) still use mmap."""
+    import ctypes
+    import ctypes.util
+    if not sys.platform.startswith("linux"):
+        return "allocator left as is (not Linux)"
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c"))
+        mallopt = libc.mallopt
+    except (OSError, AttributeError, TypeError):
+        return "allocator left as is (no glibc mallopt)"
+    settings = {"M_ARENA_MAX": (-8, 1), "M_MMAP_THRESHOLD": (-3, 32 << 20), "M_TRIM_THRESHOLD": (-1, 2**31 - 1)}
+    failed = [name for name, (key, value) in settings.items() if mallopt(key, value) != 1]
+    if failed:
+        raise SystemExit(f"glibc refused mallopt {', '.join(failed)}: the runs could pay page faults unequally")
+    return "glibc malloc: one arena, mmap threshold 32 MB, no trimming (freed memory is reused, not refaulted)"
+
+
 def start_comfy(device, for_compile=False):
     """Start ComfyUI in this process on `device` (tests/comfy_runtime starts it with --cpu). Compiled on a CPU,
     with PyTorch's attention (--use-pytorch-cross-attention, as on a GPU): ComfyUI's CPU default, sub-quadratic
