@@ -20,6 +20,7 @@ gives each run's page faults per model call.
     python benchmarks/bench_lockstep.py --layers 1 --size 256 --generations 16            # CPU, eager
     python benchmarks/bench_lockstep.py --layers 1 --size 256 --generations 12 --compile  # compiled
     python benchmarks/bench_lockstep.py --threads --compile --generations 16               # one process
+    python benchmarks/bench_lockstep.py --threads --base50 --generations 10                # base 50 / Glance 10
 """
 import argparse
 import gc
@@ -37,6 +38,9 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import bench_sampler as bs  # noqa: E402
+
+
+PER_TURN = {"base50": 5}  # model calls per turn: every run's generation spans the same turns
 
 
 class Baton:
@@ -87,7 +91,7 @@ def child(i, role, baton, args, queue):
             import comfy.model_management as mm
             mm.load_models_gpu([stock_model if role == "merged10" else base], force_full_load=True)
             sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-            meter = Meter(baton, i, sync)
+            meter = Meter(baton, i, sync, PER_TURN.get(role, 1))
             comfy.model_base.BaseModel.apply_model = meter.wrap(comfy.model_base.BaseModel.apply_model,
                                                                 lambda: meter)
             queue.put(meter.time(role, runs[role], args.generations))
@@ -100,8 +104,8 @@ class Meter:
     process CPU seconds: in --threads mode the process CPU time meanwhile is the other runs' work), and the
     page faults each call took (process-wide: only one run computes at a time)."""
 
-    def __init__(self, baton, i, sync):
-        self.baton, self.i, self.sync = baton, i, sync
+    def __init__(self, baton, i, sync, per_turn=1):
+        self.baton, self.i, self.sync, self.per_turn = baton, i, sync, per_turn  # model calls per turn
         self.wall = self.cpu = 0.0
         self.calls, self.faults = [], []
 
@@ -115,9 +119,10 @@ class Meter:
             m.sync()
             m.calls.append(time.perf_counter() - t)
             m.faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f)
-            c = time.process_time()
-            m.wall += m.baton.pass_on(m.i)
-            m.cpu += time.process_time() - c
+            if len(m.calls) % m.per_turn == 0:
+                c = time.process_time()
+                m.wall += m.baton.pass_on(m.i)
+                m.cpu += time.process_time() - c
             return out
         return in_turns
 
@@ -165,7 +170,7 @@ def in_threads(args, roles):
     results, errors = {}, []
 
     def thread(i, role):
-        mine.meter = Meter(baton, i, sync)
+        mine.meter = Meter(baton, i, sync, PER_TURN.get(role, 1))
         baton.take(i)
         try:
             with torch.inference_mode():  # thread-local, as bench_sampler.py runs
@@ -208,6 +213,8 @@ def main():
     ap.add_argument("--swap-models", action="store_true",
                     help="with --threads: Glance and base on the model built second, stock merged on the first "
                          "(two copies of the same weights can run at different speeds: run both ways)")
+    ap.add_argument("--base50", action="store_true",
+                    help="also run the base model for 50 steps, in the same turns (base 50 / Glance 10: target >= 4.9)")
     ap.add_argument("--default-malloc", action="store_true",
                     help="leave glibc's allocator as it is (default: keep freed memory in the process, so no run "
                          "pays page faults for its activations that the others do not; see the faults column)")
@@ -221,7 +228,8 @@ def main():
         raise SystemExit("--device cuda: no CUDA device visible to torch")
     if args.threads and args.separate:  # runtime.fuse is one switch per process: it would reach the Glance run too
         raise SystemExit("--separate needs a process of its own: use it without --threads")
-    roles = ["glance10", "merged10", "base10"] + (["glance10_separate"] if args.separate else [])
+    roles = ["glance10", "merged10", "base10"] + (["glance10_separate"] if args.separate else []) \
+        + (["base50"] if args.base50 else [])
     if args.threads and not args.default_malloc:  # before the threads exist (the children set their own)
         bs.log(bs.steady_allocator())
     if args.threads:
@@ -284,15 +292,16 @@ def report(args, roles, results):
     cpu_rounds = [{role: (results[role]["cpu"][g],) for role in roles} for g in range(n)]
     pairs = [("glance10", "merged10"), ("glance10", "base10"), ("merged10", "base10")]
     pairs += [("glance10_separate", "merged10")] if args.separate else []
+    pairs += [("base50", "glance10"), ("base50", "base10")] if args.base50 else []
     table = {f"{a}/{b}": {"wall": bs.paired(rounds, a, b), "cpu": bs.paired(cpu_rounds, a, b)} for a, b in pairs}
     # Model call by model call: the k-th calls of the runs ran one right after the other (seconds apart, not
     # a whole generation), so their ratios see the least of the machine's drift.
-    counts = {len(c) for role in roles for c in results[role]["calls"]}
-    if len(counts) == 1:
-        per_gen = counts.pop()
-        call_rounds = [{role: (results[role]["calls"][g][k],) for role in roles}
-                       for g in range(n) for k in range(per_gen)]
-        for a, b in pairs:
+    for a, b in pairs:  # pairs whose runs make the same number of calls (base 50 makes five times as many)
+        counts = {len(c) for role in (a, b) for c in results[role]["calls"]}
+        if len(counts) == 1:
+            per_gen = counts.pop()
+            call_rounds = [{role: (results[role]["calls"][g][k],) for role in (a, b)}
+                           for g in range(n) for k in range(per_gen)]
             table[f"{a}/{b}"]["calls"] = bs.paired(call_rounds, a, b)
             table[f"{a}/{b}"]["fast_calls"] = low_quantile_ratio(results, a, b)
     where = torch.cuda.get_device_name(0) if args.device == "cuda" else f"CPU {torch.get_num_threads()} threads"
@@ -315,7 +324,7 @@ def report(args, roles, results):
               f"| {c['mean']:.3f}x [{c['ci95'][0]:.3f}, {c['ci95'][1]:.3f}] | "
               + (f"{k['mean']:.4f}x [{k['ci95'][0]:.4f}, {k['ci95'][1]:.4f}] ({k['n']}) | {k['median']:.4f}x "
                  f"| {f['ratio']:.4f}x [{f['ci95'][0]:.4f}, {f['ci95'][1]:.4f}] |"
-                 if k else "- (runs made different numbers of calls) | - | - |"))
+                 if k else "- (the runs make different numbers of calls) | - | - |"))
     if args.json:
         with open(args.json, "w") as fh:
             json.dump({"args": vars(args), "runs": results, "ratios": table}, fh, indent=2)
