@@ -1,8 +1,8 @@
 """benchmarks/bench_sampler.steady_allocator, as bench_lockstep.py --threads uses it: three threads take turns
 running an MLP the size of one block's at 256 px with CFG (a 24 MiB activation allocated and freed each time).
-Once warm (8 turns each), none of them may zero-fill fresh pages again: by default glibc hands such blocks back to the kernel in
-some threads' arenas, and the lockstep run that lands there pays ~5,700 page faults per model call that the
-others do not. Each case runs in a process of its own: the setting is global."""
+Once warm (8 turns each), none of them may zero-fill fresh pages again. By default glibc hands such blocks back
+to the kernel, and the lockstep run that lands there pays ~5,700 page faults per model call that the others do
+not. It runs in a process of its own: the setting is global."""
 import json
 import os
 import subprocess
